@@ -1,0 +1,105 @@
+// pybind11 module smat_kernels._cpu. Takes raw pointers (as integers), sizes
+// and dtype codes; smat_kernels validates every tensor before calling here,
+// so no torch headers are needed (see DESIGN.md).
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include "density.h"
+#include "merge.h"
+#include "pack.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* as_pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+smat::cpu::MergeArgs merge_args(uintptr_t log_alpha, uintptr_t alpha, int64_t batch, int64_t n, int64_t num_experts,
+                                int dtype, int mode, uint64_t seed, uint64_t offset, float beta, float gamma,
+                                float zeta) {
+  return smat::cpu::MergeArgs{as_pointer<const float>(log_alpha), as_pointer<const float>(alpha), batch, n, num_experts,
+                              dtype, mode, seed, offset, beta, gamma, zeta};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, module) {
+  module.doc() = "SMAT CPU kernels (OpenMP). Called by smat_kernels; not a public API.";
+
+  module.def("set_num_threads", [](int threads) { omp_set_num_threads(threads); });
+  module.def("get_num_threads", []() { return omp_get_max_threads(); });
+
+  module.def(
+      "merge_forward",
+      [](uintptr_t out, uintptr_t theta_pre, uintptr_t delta, uintptr_t log_alpha, uintptr_t alpha, int64_t batch,
+         int64_t n, int64_t num_experts, int dtype, int mode, uint64_t seed, uint64_t offset, float beta, float gamma,
+         float zeta) {
+        py::gil_scoped_release release;
+        smat::cpu::merge_forward(
+            merge_args(log_alpha, alpha, batch, n, num_experts, dtype, mode, seed, offset, beta, gamma, zeta),
+            as_pointer<void>(out), as_pointer<const void>(theta_pre), as_pointer<const void>(delta));
+      });
+
+  module.def(
+      "merge_backward",
+      [](uintptr_t grad_out, uintptr_t delta, uintptr_t log_alpha, uintptr_t alpha, uintptr_t grad_pre,
+         uintptr_t grad_delta, uintptr_t grad_log_alpha, uintptr_t grad_alpha, int64_t batch, int64_t n,
+         int64_t num_experts, int dtype, int mode, uint64_t seed, uint64_t offset, float beta, float gamma,
+         float zeta) {
+        py::gil_scoped_release release;
+        smat::cpu::merge_backward(
+            merge_args(log_alpha, alpha, batch, n, num_experts, dtype, mode, seed, offset, beta, gamma, zeta),
+            as_pointer<const void>(grad_out), as_pointer<const void>(delta), as_pointer<void>(grad_pre),
+            as_pointer<void>(grad_delta), as_pointer<float>(grad_log_alpha), as_pointer<float>(grad_alpha));
+      });
+
+  module.def("expected_density", [](uintptr_t out, uintptr_t log_alpha, int64_t n, int64_t num_experts, float beta,
+                                    float gamma, float zeta) {
+    py::gil_scoped_release release;
+    smat::cpu::expected_density(as_pointer<float>(out), as_pointer<const float>(log_alpha), n, num_experts, beta, gamma,
+                                zeta);
+  });
+
+  module.def("expected_density_backward", [](uintptr_t grad_log_alpha, uintptr_t grad_out, uintptr_t log_alpha,
+                                             int64_t n, int64_t num_experts, float beta, float gamma, float zeta) {
+    py::gil_scoped_release release;
+    smat::cpu::expected_density_backward(as_pointer<float>(grad_log_alpha), as_pointer<const float>(grad_out),
+                                         as_pointer<const float>(log_alpha), n, num_experts, beta, gamma, zeta);
+  });
+
+  module.def("hard_density",
+             [](uintptr_t out, uintptr_t log_alpha, int64_t n, int64_t num_experts, float gamma, float zeta) {
+               py::gil_scoped_release release;
+               smat::cpu::hard_density(as_pointer<float>(out), as_pointer<const float>(log_alpha), n, num_experts,
+                                       gamma, zeta);
+             });
+
+  module.def("pack_support", [](uintptr_t bitmap, uintptr_t word_counts, uintptr_t log_alpha, int64_t n,
+                                int64_t num_experts, float gamma, float zeta) {
+    py::gil_scoped_release release;
+    return smat::cpu::pack_support(as_pointer<int32_t>(bitmap), as_pointer<int64_t>(word_counts),
+                                   as_pointer<const float>(log_alpha), n, num_experts, gamma, zeta);
+  });
+
+  module.def("pack_scatter", [](uintptr_t expert_bits, int bits_dtype, uintptr_t packed_delta, uintptr_t delta,
+                                int dtype, uintptr_t word_offsets, uintptr_t log_alpha, int64_t n, int64_t num_experts,
+                                float gamma, float zeta) {
+    py::gil_scoped_release release;
+    smat::cpu::pack_scatter(as_pointer<void>(expert_bits), bits_dtype, as_pointer<void>(packed_delta),
+                            as_pointer<const void>(delta), dtype, as_pointer<const int64_t>(word_offsets),
+                            as_pointer<const float>(log_alpha), n, num_experts, gamma, zeta);
+  });
+
+  module.def("packed_merge", [](uintptr_t out, uintptr_t theta_pre, int dtype, uintptr_t bitmap, uintptr_t word_offsets,
+                                uintptr_t expert_bits, int bits_dtype, uintptr_t packed_delta, uintptr_t alpha,
+                                int64_t batch, int64_t n, int64_t num_experts) {
+    py::gil_scoped_release release;
+    smat::cpu::packed_merge(as_pointer<void>(out), as_pointer<const void>(theta_pre), dtype,
+                            as_pointer<const int32_t>(bitmap), as_pointer<const int64_t>(word_offsets),
+                            as_pointer<const void>(expert_bits), bits_dtype, as_pointer<const void>(packed_delta),
+                            as_pointer<const float>(alpha), batch, n, num_experts);
+  });
+}
