@@ -99,8 +99,9 @@ class BuildWithCuda(build_ext):
         archs = os.environ.get("SMAT_CUDA_ARCHS", "80;90").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-        import pybind11
         import sysconfig
+
+        import pybind11
 
         includes = [f"-I{INCLUDE}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
                     f"-I{home / 'include'}"]

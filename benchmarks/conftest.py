@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 
 import pytest
-
 from bench_util import ResultsTable, measure_copy_bandwidth
 
 

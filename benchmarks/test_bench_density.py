@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_util import run_case
 
 import smat_kernels
-from bench_util import run_case
 from smat_kernels import reference
 
 SIZES = [1_000_000, 22_000_000]

@@ -10,9 +10,9 @@ import functools
 
 import pytest
 import torch
+from bench_util import bytes_merge_backward, bytes_merge_forward, run_case
 
 import smat_kernels
-from bench_util import bytes_merge_backward, bytes_merge_forward, run_case
 from smat_kernels import reference
 
 SIZES = [1_000_000, 22_000_000]  # 22M: ViT-S
@@ -31,7 +31,7 @@ def make_inputs(n: int, batch: int, dtype=torch.float32, requires_grad=False):
     return theta_pre, delta, log_alpha, alpha
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled_reference_merge():
     return torch.compile(reference.merge)
 

@@ -61,7 +61,7 @@ class PackedExperts:
         tensors = (self.support_bitmap, self.word_offsets, self.expert_bits, self.delta)
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def to(self, device: torch.device | str) -> "PackedExperts":
+    def to(self, device: torch.device | str) -> PackedExperts:
         return PackedExperts(
             n=self.n,
             num_experts=self.num_experts,
@@ -84,7 +84,7 @@ class PackedExperts:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "PackedExperts":
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PackedExperts:
         n, num_experts, rounded = (int(v) for v in state["shape"].tolist())
         return cls(
             n=n,
