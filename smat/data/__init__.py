@@ -1,0 +1,25 @@
+"""Few-shot data: episodes, samplers, transforms, and image sources.
+
+Sources: :class:`ImageFolderSource` (``<root>/<domain>/<class>/<image>``),
+:class:`MetaDatasetH5Source` (Meta-Dataset as .h5), :class:`BuiltinSource`
+(generated locally, no download). Samplers draw episode plans; an
+:class:`EpisodeDataset` turns them into :class:`Task` tensors, and an
+:class:`EpisodeLoader` loads them in worker processes.
+"""
+
+from .builtin import DOMAINS as BUILTIN_DOMAINS
+from .builtin import ID_DOMAINS, OOD_DOMAINS, PRETRAIN_DOMAIN, BuiltinSource
+from .episode import EpisodeSpec, Task
+from .folder import ImageFolderSource
+from .h5 import MetaDatasetH5Source
+from .loader import EpisodeDataset, EpisodeLoader
+from .samplers import FixedSampler, MultiDomainSampler, VariableSampler, make_sampler
+from .source import ArrayDomain, Domain, Source
+from .transforms import EvalTransform, TrainTransform, diff_augment
+
+__all__ = [
+    "BUILTIN_DOMAINS", "ID_DOMAINS", "OOD_DOMAINS", "PRETRAIN_DOMAIN", "ArrayDomain", "BuiltinSource", "Domain",
+    "EpisodeDataset", "EpisodeLoader", "EpisodeSpec", "EvalTransform", "FixedSampler", "ImageFolderSource",
+    "MetaDatasetH5Source", "MultiDomainSampler", "Source", "Task", "TrainTransform", "VariableSampler",
+    "diff_augment", "make_sampler",
+]

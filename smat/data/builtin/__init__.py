@@ -1,0 +1,139 @@
+"""Built-in domains that need no download: generated on first use and cached.
+
+Cached as one compressed .npz per domain under ``cache_dir()/builtin-v1/``
+(``$SMAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/smat``, else ``~/.cache/smat``),
+images uint8 at NATIVE_SIZE px; the episode transforms resize them.
+
+Roles are fixed: ID domains have train/val/test class splits and are used
+for meta-training; OOD domains put every class in 'test' and are used for
+meta-testing only; the pre-training domain's classes (all in 'train') are
+disjoint from both, for pre-training the built-in backbone.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..folder import random_class_split
+from ..source import ArrayDomain, Source
+from . import glyphs
+from .cache import cache_dir, load_arrays, save_arrays
+from .digits import generate_digits
+from .shapes import generate_shapes, generate_textures
+
+NATIVE_SIZE = 32
+CACHE_VERSION = "builtin-v1"
+GLYPHS_PER_CLASS = 20
+PROCEDURAL_PER_CLASS = 40
+PRETRAIN_MAX_CLASSES = 640
+
+
+@dataclass(frozen=True)
+class BuiltinDomain:
+    name: str
+    role: str  # 'id', 'ood' or 'pretrain'
+    description: str
+    generate: Callable[[int, int], tuple[np.ndarray, np.ndarray, list[str]]]  # (size, seed) → arrays
+
+
+def _glyph_domain(name: str, max_classes: int | None = None):
+    def generate(size: int, seed: int):
+        images, labels, names = glyphs.generate(name, GLYPHS_PER_CLASS, size, seed)
+        if max_classes is not None and len(names) > max_classes:
+            keep = np.sort(np.random.default_rng(seed).permutation(len(names))[:max_classes])
+            mask = np.isin(labels, keep)
+            remap = np.full(len(names), -1)
+            remap[keep] = np.arange(len(keep))
+            images, labels, names = images[mask], remap[labels[mask]], [names[i] for i in keep]
+        return images, labels, names
+    return generate
+
+
+DOMAINS: dict[str, BuiltinDomain] = {d.name: d for d in (
+    BuiltinDomain("latin", "id", "Latin letters with Latin-1 accents", _glyph_domain("latin")),
+    BuiltinDomain("greek_cyrillic", "id", "Greek and Cyrillic letters", _glyph_domain("greek_cyrillic")),
+    BuiltinDomain("math_symbols", "id", "mathematical operators", _glyph_domain("math_symbols")),
+    BuiltinDomain("arrows_technical", "id", "arrows and technical symbols", _glyph_domain("arrows_technical")),
+    BuiltinDomain("shapes", "id", "procedural shapes, filled or outlined, in colour",
+                  lambda size, seed: generate_shapes(PROCEDURAL_PER_CLASS, size, seed)),
+    BuiltinDomain("armenian_georgian", "ood", "Armenian and Georgian letters", _glyph_domain("armenian_georgian")),
+    BuiltinDomain("hebrew_arabic", "ood", "Hebrew and Arabic letters", _glyph_domain("hebrew_arabic")),
+    BuiltinDomain("braille", "ood", "Braille patterns", _glyph_domain("braille")),
+    BuiltinDomain("textures", "ood", "procedural textures in colour",
+                  lambda size, seed: generate_textures(PROCEDURAL_PER_CLASS, size, seed)),
+    BuiltinDomain("digits", "ood", "scikit-learn's handwritten digits (8×8, upsampled)",
+                  lambda size, seed: generate_digits(size)),
+    BuiltinDomain("pretrain", "pretrain", "Canadian syllabics, IPA, geometric shapes, symbols, dingbats, "
+                  "box drawing, Lisu, Tifinagh, N'Ko", _glyph_domain("pretrain_glyphs", PRETRAIN_MAX_CLASSES)),
+)}
+ID_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.role == "id")
+OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.role == "ood")
+PRETRAIN_DOMAIN = "pretrain"
+
+
+def domain_seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def cache_path(name: str, root: Path | None = None) -> Path:
+    return (root or cache_dir()) / CACHE_VERSION / f"{name}-{NATIVE_SIZE}px.npz"
+
+
+def build(name: str, root: Path | None = None, rebuild: bool = False) -> Path:
+    """Generate domain ``name`` into the cache unless it is there; returns the file."""
+    if name not in DOMAINS:
+        raise KeyError(f"no built-in domain {name!r}; available: {list(DOMAINS)}")
+    path = cache_path(name, root)
+    if path.is_file() and not rebuild:
+        return path
+    threads = torch.get_num_threads()
+    # Many tiny batched ops: one thread avoids spin-waiting on busy cores.
+    torch.set_num_threads(1)
+    try:
+        images, labels, names = DOMAINS[name].generate(NATIVE_SIZE, domain_seed(name))
+    finally:
+        torch.set_num_threads(threads)
+    save_arrays(path, images=images, labels=np.asarray(labels, dtype=np.int64),
+                class_names=np.asarray(names, dtype=np.str_))
+    return path
+
+
+def class_splits(name: str, num_classes: int) -> dict[str, list[int]]:
+    role = DOMAINS[name].role
+    if role == "ood":
+        return {"test": list(range(num_classes))}
+    if role == "pretrain":
+        return {"train": list(range(num_classes))}
+    return random_class_split(num_classes, (0.7, 0.15, 0.15), domain_seed(name))
+
+
+class BuiltinSource(Source):
+    """The built-in domains (default: all), generated into the cache on first use.
+
+    cache: folder instead of ``cache_dir()``; rebuild: regenerate even if cached.
+    """
+
+    def __init__(self, domains=None, cache: str | Path | None = None, rebuild: bool = False):
+        names = list(DOMAINS) if domains is None else ([domains] if isinstance(domains, str) else list(domains))
+        root = Path(cache).expanduser() if cache is not None else None
+        built = []
+        for name in names:
+            arrays = load_arrays(build(name, root, rebuild))
+            class_names = [str(n) for n in arrays["class_names"]]
+            built.append(ArrayDomain(name, arrays["images"], arrays["labels"], class_names,
+                                     class_splits(name, len(class_names))))
+        super().__init__(built)
+
+
+def build_all(root: Path | None = None, rebuild: bool = False, log=print) -> None:
+    for name in DOMAINS:
+        start = time.perf_counter()
+        path = build(name, root, rebuild)
+        log(f"{name:>18}: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")

@@ -1,0 +1,134 @@
+"""Episodes as a torch Dataset, loaded in DataLoader worker processes.
+
+Episode ``i`` of an :class:`EpisodeDataset` is drawn from
+``numpy.random.default_rng([seed, i])``: the same seed and index give the
+same task in any process, with any number of workers, in any order. A fixed
+validation set is just a dataset with its own seed and a fixed length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .episode import EpisodeSpec, Task, labels_for
+
+# Errors a broken image file can raise from PIL, h5py or numpy decoding.
+UNREADABLE = (OSError, ValueError, KeyError, IndexError, SyntaxError, EOFError)
+
+
+class EpisodeDataset(Dataset):
+    """Maps an episode index to a :class:`Task`.
+
+    source: a :class:`~smat.data.source.Source`; sampler: any object with
+    ``sample(rng) -> EpisodeSpec``; transform: ``(images, rng) -> [B, 3, H, W]``
+    (support and query go through it separately); num_episodes: the length
+    reported to DataLoader (indices beyond it work too, see :func:`episode_loader`).
+    """
+
+    def __init__(self, source, sampler, transform, num_episodes: int = 1000, seed: int = 0,
+                 query_transform=None):
+        self.source, self.sampler, self.transform = source, sampler, transform
+        self.query_transform = query_transform or transform
+        self.num_episodes, self.seed = num_episodes, seed
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.num_episodes
+
+    def spec(self, index: int) -> EpisodeSpec:
+        return self.sampler.sample(self._rng(index))
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(index)])
+
+    def __getitem__(self, index: int) -> Task:
+        rng = self._rng(index)
+        spec = self.sampler.sample(rng)
+        domain = self.source[spec.domain]
+        skipped: list[str] = []
+        used = {c: set(s) | set(q) for c, s, q in zip(spec.classes, spec.support, spec.query, strict=True)}
+        support = [self._load_class(domain, c, items, used[c], rng, skipped)
+                   for c, items in zip(spec.classes, spec.support, strict=True)]
+        query = [self._load_class(domain, c, items, used[c], rng, skipped)
+                 for c, items in zip(spec.classes, spec.query, strict=True)]
+        return Task(
+            support_x=self.transform([image for images in support for image in images], rng),
+            support_y=labels_for(spec.support),
+            query_x=self.query_transform([image for images in query for image in images], rng),
+            query_y=labels_for(spec.query),
+            domain=spec.domain,
+            class_names=tuple(domain.class_names[c] for c in spec.classes),
+            skipped=tuple(skipped),
+        )
+
+    def _load_class(self, domain, class_index, items, used, rng, skipped):
+        """Load items; an unreadable one is replaced by an unused item of the same class."""
+        images = []
+        spare = None
+        for item in items:
+            while True:
+                try:
+                    images.append(domain.load(class_index, item))
+                    break
+                except UNREADABLE as error:
+                    where = domain.describe(class_index, item)
+                    skipped.append(where)
+                    if where not in self._warned:
+                        self._warned.add(where)
+                        warnings.warn(f"skipping unreadable image {where}: {error}", stacklevel=2)
+                    if spare is None:
+                        spare = [i for i in rng.permutation(domain.num_items(class_index)).tolist()
+                                 if i not in used]
+                    if not spare:
+                        raise RuntimeError(
+                            f"class {domain.class_names[class_index]!r} of domain {domain.name!r} has "
+                            f"too few readable images for this episode; remove the broken files "
+                            f"listed in the warnings") from error
+                    item = spare.pop(0)
+                    used.add(item)
+        return images
+
+
+def _as_list(tasks):
+    return tasks
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers each decode and resize; several intra-op threads per worker only oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+class EpisodeLoader:
+    """Iterates tasks (or lists of ``meta_batch`` tasks) and keeps a summary of skipped images."""
+
+    def __init__(self, dataset: EpisodeDataset, num_episodes: int | None = None, start: int = 0,
+                 meta_batch: int | None = None, num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
+        self.dataset = dataset
+        self.num_episodes = len(dataset) if num_episodes is None else num_episodes
+        self.skipped: Counter[str] = Counter()
+        indices = range(start, start + self.num_episodes)
+        options = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers else {}
+        self._loader = DataLoader(dataset, batch_size=meta_batch, sampler=indices, num_workers=num_workers,
+                                  collate_fn=_as_list, pin_memory=pin_memory, **options)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        for batch in self._loader:
+            for task in batch if isinstance(batch, list) else (batch,):
+                self.skipped.update(task.skipped)
+            yield batch
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no unreadable images"
+        return (f"{len(self.skipped)} unreadable images skipped ({sum(self.skipped.values())} times): "
+                + ", ".join(sorted(self.skipped)[:10]) + (" …" if len(self.skipped) > 10 else ""))
+
