@@ -29,7 +29,10 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"expected an H×W or H×W×{{1,3,4}} image, got shape {array.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(array[:, :, :3])).permute(2, 0, 1)
+    array = array[:, :, :3]
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
     tensor = tensor.to(torch.float32).div_(255.0)
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
