@@ -136,7 +136,7 @@ def merge_forward_kernel(out_ptr, theta_pre_ptr, delta_ptr, log_alpha_ptr, alpha
         if MODE != DETERMINISTIC:
             word0, word1, word2, word3 = tl.randint4x(seed, counter_base + group)
         for word_index in tl.static_range(WORDS_PER_PHILOX_CALL):
-            expert: tl.constexpr = group * WORDS_PER_PHILOX_CALL + word_index
+            expert = group * WORDS_PER_PHILOX_CALL + word_index
             if expert < NUM_EXPERTS:
                 log_alpha = tl.load(log_alpha_ptr + elements * NUM_EXPERTS + expert, mask=in_range, other=0.0)
                 alpha = tl.load(alpha_ptr + tasks * NUM_EXPERTS + expert, mask=task_valid, other=0.0)
@@ -205,7 +205,7 @@ def merge_backward_kernel(grad_ptr, delta_ptr, log_alpha_ptr, alpha_ptr, grad_th
             if MODE != DETERMINISTIC:
                 word0, word1, word2, word3 = tl.randint4x(seed, counter_base + group)
             for word_index in tl.static_range(WORDS_PER_PHILOX_CALL):
-                expert: tl.constexpr = group * WORDS_PER_PHILOX_CALL + word_index
+                expert = group * WORDS_PER_PHILOX_CALL + word_index
                 if expert < NUM_EXPERTS:
                     log_alpha = tl.load(log_alpha_ptr + elements * NUM_EXPERTS + expert, mask=in_range, other=0.0)
                     alpha = tl.load(alpha_ptr + tasks * NUM_EXPERTS + expert, mask=task_valid, other=0.0)
