@@ -110,6 +110,7 @@ class BuildWithCuda(build_ext):
             obj = str(build_dir / (Path(source).name + ".o"))
             if source.endswith(".cu"):
                 cmd = [nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                       "--fmad=false",  # a·b + c rounds twice, as in the reference and the CPU build
                        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode, *includes]
             else:
                 cmd = [self.compiler.compiler_so[0], "-c", source, "-o", obj, "-O3", "-std=c++17", "-fPIC",
