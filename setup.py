@@ -6,7 +6,8 @@
 Environment variables:
   SMAT_BUILD_CUDA  0 skips the CUDA module, 1 makes a missing nvcc an error;
                    unset: build it when nvcc is found.
-  SMAT_CUDA_ARCHS  semicolon-separated SM versions (default "80;90").
+  SMAT_CUDA_ARCHS  semicolon-separated SM versions (default "90": H100/H200;
+                   e.g. "80;90" adds A100 at twice the compile time).
   SMAT_CPU_ARCH    value of -march for the CPU module (default "native";
                    set e.g. "x86-64-v3" to build for other machines).
   CUDA_HOME        the CUDA toolkit (default: /usr/local/cuda, then nvcc on PATH).
@@ -96,7 +97,7 @@ class BuildWithCuda(build_ext):
         nvcc = str(home / "bin" / "nvcc")
         build_dir = Path(self.build_temp) / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("SMAT_CUDA_ARCHS", "80;90").split(";")
+        archs = os.environ.get("SMAT_CUDA_ARCHS", "90").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         import sysconfig
