@@ -1,0 +1,1 @@
+"""Tests of smat_kernels: every backend against smat_kernels.reference."""
