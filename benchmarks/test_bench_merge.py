@@ -48,6 +48,11 @@ def rounds_for(impl: str, n: int) -> int:
     return 5 if impl == "cpu" or n < 10_000_000 else 1
 
 
+def warmup_for(impl: str) -> int:
+    """Only torch.compile has a first call worth excluding (the compilation)."""
+    return 0 if impl == "reference" else 1
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("n", SIZES)
@@ -57,7 +62,7 @@ def test_merge_forward(benchmark, results, copy_bandwidth, impl, batch, n):
     run_case(benchmark, results, copy_bandwidth, op="merge forward", impl=impl, fn=lambda: merge(*inputs),
              nbytes=bytes_merge_forward(n, batch, NUM_EXPERTS, torch.float32),
              output_bytes=batch * n * 4, n=n, batch=batch, num_experts=NUM_EXPERTS, dtype=torch.float32,
-             rounds=rounds_for(impl, n))
+             rounds=rounds_for(impl, n), warmup_rounds=warmup_for(impl))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -79,4 +84,4 @@ def test_merge_forward_backward(benchmark, results, copy_bandwidth, impl, batch,
              nbytes=bytes_merge_forward(n, batch, NUM_EXPERTS, torch.float32)
              + bytes_merge_backward(n, batch, NUM_EXPERTS, torch.float32),
              output_bytes=output_bytes, n=n, batch=batch, num_experts=NUM_EXPERTS, dtype=torch.float32,
-             rounds=rounds_for(impl, n))
+             rounds=rounds_for(impl, n), warmup_rounds=warmup_for(impl))
