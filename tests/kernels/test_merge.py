@@ -143,12 +143,12 @@ def test_cpu_matches_reference(n, num_experts, batch, dtype, mode):
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def large_log_alpha(num_experts: int) -> torch.Tensor:
     return 2.0 * torch.randn(LARGE_N, num_experts, generator=torch.Generator().manual_seed(num_experts))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def large_theta(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(LARGE_N, generator=generator).to(dtype), torch.randn(LARGE_N, generator=generator).to(dtype)

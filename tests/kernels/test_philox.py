@@ -154,7 +154,8 @@ def test_tasks_are_consecutive_counter_ranges():
     n, num_experts = 1025, 6
     generator = torch.Generator().manual_seed(1)
     theta_pre, delta = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
-    log_alpha, alpha = torch.randn(n, num_experts, generator=generator), torch.randn(3, num_experts, generator=generator)
+    log_alpha = torch.randn(n, num_experts, generator=generator)
+    alpha = torch.randn(3, num_experts, generator=generator)
     together = smat_kernels.merge(theta_pre, delta, log_alpha, alpha, seed=SEED, offset=OFFSET, backend="cpu")
     step = smat_kernels.counters_per_call(1, n, num_experts)
     for task in range(3):

@@ -42,8 +42,8 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 
 def normalised_error(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """|actual − expected| / scale in float64; an entry with scale 0 must match exactly."""
-    difference = (actual.double() - expected.double()).abs()
-    return difference / scale.double().clamp_min(1e-300)
+    difference = (actual.detach().double() - expected.detach().double()).abs()
+    return difference / scale.detach().double().clamp_min(1e-300)
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, *,
@@ -78,5 +78,5 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, scale:
     worst_error = float(error.flatten()[worst])
     assert worst_error <= bound, (
         f"{name}: normalised error {worst_error:.3g} > bound {bound:.3g} at flat index {worst}: "
-        f"actual {float(actual.flatten()[worst])!r}, expected {float(expected.flatten()[worst])!r}, "
+        f"actual {float(actual.detach().flatten()[worst])!r}, expected {float(expected.detach().flatten()[worst])!r}, "
         f"scale {float(torch.broadcast_to(scale, expected.shape).flatten()[worst])!r}")
