@@ -3,24 +3,11 @@
 
 #include <cstdint>
 
+#include "smat/merge_args.h"
+
 namespace smat::cpu {
 
-// Shapes, mode and key of one merge. Pointers to θ-typed buffers travel
-// separately as void*; log_α is fp32 [N, M] and α fp32 [B, M].
-struct MergeArgs {
-  const float* log_alpha;
-  const float* alpha;
-  int64_t batch;
-  int64_t n;
-  int64_t num_experts;
-  int dtype;
-  int mode;
-  uint64_t seed;
-  uint64_t offset;
-  float beta;
-  float gamma;
-  float zeta;
-};
+using smat::MergeArgs;
 
 // out: [B, N] θ-typed.
 void merge_forward(const MergeArgs& args, void* out, const void* theta_pre, const void* delta);
