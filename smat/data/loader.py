@@ -108,11 +108,16 @@ class EpisodeLoader:
 
     def __init__(self, dataset: EpisodeDataset, num_episodes: int | None = None, start: int = 0,
                  meta_batch: int | None = None, num_workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, indices=None):
+        """Episodes ``start … start + num_episodes − 1``, or exactly ``indices`` when given (e.g. one
+        process's share of every meta-batch)."""
         self.dataset = dataset
-        self.num_episodes = len(dataset) if num_episodes is None else num_episodes
+        if indices is None:
+            self.num_episodes = len(dataset) if num_episodes is None else num_episodes
+            indices = range(start, start + self.num_episodes)
+        else:
+            self.num_episodes = len(indices)
         self.skipped: Counter[str] = Counter()
-        indices = range(start, start + self.num_episodes)
         options = {"prefetch_factor": prefetch_factor, "worker_init_fn": _worker_init} if num_workers else {}
         self._loader = DataLoader(dataset, batch_size=meta_batch, sampler=indices, num_workers=num_workers,
                                   collate_fn=_as_list, pin_memory=pin_memory, **options)

@@ -1,0 +1,94 @@
+"""Atomic file writes: a temporary file in the destination folder, then ``os.replace``.
+
+A crash, a full disk or a kill in the middle of a write leaves the previous
+file as it was; readers never see a partial file. Every write failure becomes
+an :class:`OutputError` that names the path and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class OutputError(OSError):
+    """The output folder cannot be written (missing permission, full disk, …)."""
+
+
+def describe_os_error(error: OSError, path: Path) -> str:
+    import errno
+
+    if error.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path}; free some space or choose another output folder"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write to {path} (permission denied or read-only); choose a writable output folder"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and check that a file can be written there, before any long work."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise OutputError(describe_os_error(error, path)) from None
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp"):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
+    except OSError as error:
+        raise OutputError(describe_os_error(error, path)) from None
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputError(describe_os_error(error, path)) from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def atomic_write_json(path: str | Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a temporary folder next to ``path``; on success it is renamed to ``path``.
+
+    ``path`` must not exist yet (checkpoint folders are never overwritten).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as error:
+        raise OutputError(describe_os_error(error, path)) from None
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise OutputError(describe_os_error(error, path)) from None
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

@@ -1,0 +1,116 @@
+"""Pre-training of the built-in backbone, once, then cached.
+
+The small ViT of ``model.backbone=builtin`` is trained with a linear
+classifier on the built-in pre-training classes (disjoint from every ID and
+OOD domain), the way a real backbone is pre-trained on ImageNet before SMAT
+meta-tunes it. The weights are cached under ``cache_dir()/backbones/``, keyed
+by a hash of everything that shapes them; a second run loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backbone import create_builtin
+from .config import Config
+from .data.builtin import CACHE_VERSION, PRETRAIN_DOMAIN, BuiltinSource
+from .data.builtin.cache import cache_dir
+from .data.transforms import normalize
+from .io import atomic_path, atomic_write_json
+
+
+def cache_key(config: Config) -> str:
+    shaping = {"arch": vars(config.model.builtin), "image_size": config.model.image_size,
+               "pretrain": vars(config.pretrain), "data": CACHE_VERSION, "seed": config.seed, "version": 1}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_weights(config: Config) -> Path:
+    return cache_dir() / "backbones" / f"builtin-vit-{cache_key(config)}.safetensors"
+
+
+def pretrained_builtin(config: Config, log=print) -> Path:
+    """Path of the pre-trained built-in backbone for ``config``, training it first if it is not cached."""
+    path = cached_weights(config)
+    if path.is_file():
+        log(f"pre-trained built-in backbone: {path} (cached)")
+        return path
+    log(f"pre-training the built-in backbone ({config.pretrain.epochs} epochs); cached afterwards at {path}")
+    start = time.perf_counter()
+    backbone, summary = pretrain(config)
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as temporary:
+        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(temporary))
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(path.with_suffix(".json"), summary)
+    log(f"pre-trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.3f}")
+    return path
+
+
+def _images(config: Config) -> tuple[torch.Tensor, torch.Tensor, int]:
+    domain = BuiltinSource([PRETRAIN_DOMAIN])[PRETRAIN_DOMAIN]
+    images, labels = domain.arrays("train")
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = x.float().div_(255.0)
+    size = config.model.image_size
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return normalize(x), torch.from_numpy(labels).long(), len(domain.class_names)
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 1/8 of the side (reflect padding): cheap and label-preserving for glyphs."""
+    size = x.shape[-1]
+    pad = max(1, size // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return padded[..., dy:dy + size, dx:dx + size]
+
+
+def pretrain(config: Config) -> tuple[nn.Module, dict]:
+    torch.manual_seed(config.seed)
+    settings = config.pretrain
+    x, y, num_classes = _images(config)
+    backbone = create_builtin(config.model.builtin, config.model.image_size)
+    head = nn.Linear(backbone.num_features, num_classes)
+    model = nn.Sequential(backbone, head).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(x) / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    generator = torch.Generator().manual_seed(config.seed)
+    correct = seen = 0
+    progress = tqdm(total=total, desc="pre-train", unit="step", leave=False)
+    for epoch in range(settings.epochs):
+        order = torch.randperm(len(x), generator=generator)
+        correct = seen = 0
+        for start in range(0, len(x), settings.batch_size):
+            index = order[start:start + settings.batch_size]
+            logits = model(_augment(x[index], generator))
+            loss = F.cross_entropy(logits, y[index], label_smoothing=settings.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            correct += int((logits.argmax(-1) == y[index]).sum())
+            seen += len(index)
+            progress.update()
+            progress.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", acc=f"{correct / seen:.3f}")
+    progress.close()
+    backbone.eval()
+    return backbone, {"classes": num_classes, "images": len(x), "epochs": settings.epochs,
+                      "train_accuracy": correct / max(seen, 1), "config_key": cache_key(config)}

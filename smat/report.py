@@ -1,0 +1,126 @@
+"""The report of a training run: test accuracy of SMAT against the pre-trained backbone, sparsity, plots.
+
+Written to ``<run>/report.md`` and ``<run>/report.json``, with pictures in
+``<run>/plots/``. The model evaluated is the run's best checkpoint (highest
+validation accuracy).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checkpoint, episodes, plots, runlog
+from .config import Config
+from .evaluate import confidence_interval, protonet_accuracies
+from .io import atomic_write_json, atomic_write_text
+
+
+def load_trained(model, folder: Path, device) -> dict:
+    """Load a checkpoint's trained tensors into ``model``; returns the checkpoint's state."""
+    tensors, _, state = checkpoint.load(folder, map_location=device)
+    model.load_trainable_tensors(tensors)
+    return state
+
+
+def evaluate_domains(config: Config, model, device, temperature: float, log=print) -> dict:
+    """{domain: {'role', 'smat': [accuracies], 'pretrained': [accuracies]}} over the test episodes."""
+    source = episodes.open_source(config)
+    results = {}
+    datasets = episodes.test_datasets(config, source)
+    progress = tqdm(total=sum(len(d) for d in datasets.values()) * 2, desc="evaluate", unit="task", leave=False)
+    for name, dataset in datasets.items():
+        loader = episodes.loader(dataset, config, meta_batch=config.train.meta_batch)
+        smat = protonet_accuracies(model, loader, temperature, device, config)
+        progress.update(len(dataset))
+        pretrained = protonet_accuracies(model, loader, temperature, device, config, pretrained=True)
+        progress.update(len(dataset))
+        results[name] = {"role": episodes.domain_role(name, source), "smat": smat, "pretrained": pretrained}
+    progress.close()
+    return results
+
+
+def summarise(results: dict, methods=("smat", "pretrained")) -> dict:
+    """Per domain and per role (ID / OOD average): mean and 95% CI in %."""
+    table = {name: {m: [100 * v for v in confidence_interval(r[m])] for m in methods}
+             for name, r in results.items()}
+    averages = {}
+    for role in ("id", "ood"):
+        names = [n for n, r in results.items() if r["role"] == role]
+        if names:
+            averages[role] = {m: float(np.mean([table[n][m][0] for n in names])) for m in methods}
+    return {"domains": table, "averages": averages}
+
+
+def markdown_table(summary: dict, results: dict, methods=("smat", "pretrained")) -> str:
+    lines = ["| domain | role | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for name, row in summary["domains"].items():
+        cells = [f"{row[m][0]:.2f} ± {row[m][1]:.2f}" for m in methods]
+        lines.append(f"| {name} | {results[name]['role'].upper()} | " + " | ".join(cells) + " |")
+    for role, averages in summary["averages"].items():
+        lines.append(f"| **{role.upper()} average** | | " + " | ".join(f"**{averages[m]:.2f}**" for m in methods)
+                     + " |")
+    return "\n".join(lines)
+
+
+def evaluate_and_report(config: Config, run: Path, model, device, log=print) -> dict:
+    run = Path(run)
+    start = time.perf_counter()
+    state = load_trained(model, checkpoint.resolve(run, "best"), device)
+    temperature = config.train.temperature.at(state["tasks_seen"])
+    results = evaluate_domains(config, model, device, temperature, log)
+    summary = summarise(results)
+    records = runlog.read(run)
+    train_records = [r for r in records if r["kind"] == "train"]
+    hard = model.hard_sparsity().tolist()
+    expected = (1 - model.expected_density().detach()).tolist()
+    tau = config.train.tau
+    sparsity = {"tau": tau, "hard": hard, "expected": expected,
+                "max_deviation": float(max(abs(s - tau) for s in hard)),
+                "within_0.02": all(abs(s - tau) <= 0.02 for s in hard)}
+    figures = {
+        "training": plots.training_curves(records, run / "plots" / "training.png"),
+        "sparsity": plots.sparsity_curves(records, tau, run / "plots" / "sparsity.png"),
+        "accuracy": plots.accuracy_bars(summary["domains"], ["smat", "pretrained"], run / "plots" / "accuracy.png"),
+    } if train_records else {}
+    report = {"config": config.to_dict(), "checkpoint": state, "summary": summary, "sparsity": sparsity,
+              "episodes_per_domain": config.evaluate.episodes,
+              "train_tasks_per_second": train_records[-1]["tasks_per_second"] if train_records else None,
+              "evaluation_seconds": round(time.perf_counter() - start, 1),
+              "per_task": {name: {m: r[m] for m in ("smat", "pretrained")} for name, r in results.items()}}
+    atomic_write_json(run / "report.json", report)
+    atomic_write_text(run / "report.md", _markdown(config, state, summary, results, sparsity, figures, run))
+    log(f"report: {run / 'report.md'}")
+    log(markdown_table(summary, results))
+    return report
+
+
+def _markdown(config, state, summary, results, sparsity, figures, run) -> str:
+    hard = ", ".join(f"{s:.3f}" for s in sparsity["hard"])
+    expected = ", ".join(f"{s:.3f}" for s in sparsity["expected"])
+    verdict = "yes" if sparsity["within_0.02"] else "no"
+    parts = [
+        f"# SMAT run report — {run.name}",
+        "",
+        f"Backbone `{config.model.backbone}`, M = {config.model.num_experts} experts, τ = {config.train.tau}; "
+        f"best checkpoint at step {state['step']} of {state['total_steps']} "
+        f"({state['tasks_seen']} tasks, validation accuracy {100 * state['best_val']:.2f}%).",
+        "",
+        f"## Test accuracy (ProtoNet, {config.evaluate.episodes} episodes per domain, mean ± 95% CI, %)",
+        "",
+        markdown_table(summary, results),
+        "",
+        "## Sparsity of each expert",
+        "",
+        f"- hard (deterministic masks): {hard}",
+        f"- expected (1 − E[L0]/N): {expected}",
+        f"- every expert within 0.02 of τ = {config.train.tau}: **{verdict}** "
+        f"(largest deviation {sparsity['max_deviation']:.3f})",
+        "",
+    ]
+    for name, path in figures.items():
+        parts += [f"![{name}]({Path(path).relative_to(run)})", ""]
+    return "\n".join(parts)

@@ -1,0 +1,56 @@
+"""Metrics of a run: one JSON object per line in ``<run>/metrics.jsonl``, and TensorBoard when installed.
+
+Each record has a ``kind`` ('train', 'val', …) and a ``step``. After a resume
+the records past the checkpoint's step are dropped, so the log reads as one
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .io import atomic_write_text
+
+
+class RunLog:
+    def __init__(self, run: Path, enabled: bool = True):
+        self.path = Path(run) / "metrics.jsonl"
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(Path(run) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tensorboard = None
+
+    def truncate(self, step: int) -> None:
+        """Forget records after ``step`` (written before an interruption, replayed after the resume)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, kind: str, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as file:
+            file.write(json.dumps({"kind": kind, **record}) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and math.isfinite(value) and key != "step":
+                    self._tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
+                elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+                    for index, item in enumerate(value):
+                        self._tensorboard.add_scalar(f"{kind}/{key}/{index}", item, record["step"])
+
+
+def read(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
