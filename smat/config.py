@@ -122,6 +122,9 @@ class TrainConfig:
     kd_pretrained_share: float = 0.0  # reference code: 0.5 of the KD term goes to the pre-trained model
     noise: str = "sample"  # hard-concrete samples, or the reference code's near_noiseless
     lambda_lr: float = 2e-3
+    # judge each expert's sparsity constraint on 'expected' (E[L0]/N, the paper) or 'hard' (the
+    # deterministic masks meta-testing uses; see Trainer.after_step)
+    constraint_on: str = "hard"
     delta_lr: float = 1e-4
     delta_momentum: float = 0.9
     delta_weight_decay: float = 1e-4
@@ -281,6 +284,7 @@ def validate(config: Config) -> Config:
     model, train, data = config.model, config.train, config.data
     _choice(problems, "method", config.method, METHODS)
     _choice(problems, "train.noise", train.noise, NOISE_MODES)
+    _choice(problems, "train.constraint_on", train.constraint_on, ("expected", "hard"))
     _choice(problems, "train.precision", train.precision, PRECISIONS)
     _choice(problems, "train.task_parallel", train.task_parallel, TASK_PARALLEL)
     _choice(problems, "data.source", data.source, SOURCES)

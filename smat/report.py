@@ -26,21 +26,39 @@ def load_trained(model, folder: Path, device) -> dict:
     return state
 
 
+def compared_methods(config: Config) -> tuple[str, ...]:
+    """The run's method, and the pre-trained backbone it is compared with."""
+    return (config.method,) if config.method == "pretrained" else (config.method, "pretrained")
+
+
 def evaluate_domains(config: Config, model, device, temperature: float, log=print) -> dict:
-    """{domain: {'role', 'smat': [accuracies], 'pretrained': [accuracies]}} over the test episodes."""
+    """{domain: {'role', <method>: [accuracies], 'pretrained': [accuracies]}} over the test episodes."""
     source = episodes.open_source(config)
+    methods = compared_methods(config)
     results = {}
     datasets = episodes.test_datasets(config, source)
-    progress = tqdm(total=sum(len(d) for d in datasets.values()) * 2, desc="evaluate", unit="task", leave=False)
+    progress = tqdm(total=sum(len(d) for d in datasets.values()) * len(methods), desc="evaluate", unit="task",
+                    leave=False)
     for name, dataset in datasets.items():
         loader = episodes.loader(dataset, config, meta_batch=config.train.meta_batch)
-        smat = protonet_accuracies(model, loader, temperature, device, config)
-        progress.update(len(dataset))
-        pretrained = protonet_accuracies(model, loader, temperature, device, config, pretrained=True)
-        progress.update(len(dataset))
-        results[name] = {"role": episodes.domain_role(name, source), "smat": smat, "pretrained": pretrained}
+        results[name] = {"role": episodes.domain_role(name, source)}
+        for method in methods:
+            results[name][method] = protonet_accuracies(model, loader, temperature, device, config,
+                                                        pretrained=method == "pretrained")
+            progress.update(len(dataset))
     progress.close()
     return results
+
+
+def sparsity_summary(model, tau: float) -> dict | None:
+    """Each expert's hard and expected sparsity against τ; None for models without masks."""
+    if not hasattr(model, "log_alpha"):
+        return None
+    hard = model.hard_sparsity().tolist()
+    expected = (1 - model.expected_density().detach()).tolist()
+    return {"tau": tau, "hard": hard, "expected": expected,
+            "max_deviation": float(max(abs(s - tau) for s in hard)),
+            "within_0.02": all(abs(s - tau) <= 0.02 for s in hard)}
 
 
 def summarise(results: dict, methods=("smat", "pretrained")) -> dict:
@@ -72,55 +90,52 @@ def evaluate_and_report(config: Config, run: Path, model, device, log=print) -> 
     state = load_trained(model, checkpoint.resolve(run, "best"), device)
     temperature = config.train.temperature.at(state["tasks_seen"])
     results = evaluate_domains(config, model, device, temperature, log)
-    summary = summarise(results)
+    methods = compared_methods(config)
+    summary = summarise(results, methods)
     records = runlog.read(run)
     train_records = [r for r in records if r["kind"] == "train"]
-    hard = model.hard_sparsity().tolist()
-    expected = (1 - model.expected_density().detach()).tolist()
-    tau = config.train.tau
-    sparsity = {"tau": tau, "hard": hard, "expected": expected,
-                "max_deviation": float(max(abs(s - tau) for s in hard)),
-                "within_0.02": all(abs(s - tau) <= 0.02 for s in hard)}
-    figures = {
-        "training": plots.training_curves(records, run / "plots" / "training.png"),
-        "sparsity": plots.sparsity_curves(records, tau, run / "plots" / "sparsity.png"),
-        "accuracy": plots.accuracy_bars(summary["domains"], ["smat", "pretrained"], run / "plots" / "accuracy.png"),
-    } if train_records else {}
+    sparsity = sparsity_summary(model, config.train.tau)
+    figures = {"accuracy": plots.accuracy_bars(summary["domains"], list(methods), run / "plots" / "accuracy.png")}
+    if train_records:
+        figures["training"] = plots.training_curves(records, run / "plots" / "training.png")
+        if sparsity is not None:
+            figures["sparsity"] = plots.sparsity_curves(records, config.train.tau, run / "plots" / "sparsity.png")
     report = {"config": config.to_dict(), "checkpoint": state, "summary": summary, "sparsity": sparsity,
               "episodes_per_domain": config.evaluate.episodes,
               "train_tasks_per_second": train_records[-1]["tasks_per_second"] if train_records else None,
               "evaluation_seconds": round(time.perf_counter() - start, 1),
-              "per_task": {name: {m: r[m] for m in ("smat", "pretrained")} for name, r in results.items()}}
+              "per_task": {name: {m: r[m] for m in methods} for name, r in results.items()}}
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", _markdown(config, state, summary, results, sparsity, figures, run))
     log(f"report: {run / 'report.md'}")
-    log(markdown_table(summary, results))
+    log(markdown_table(summary, results, methods))
     return report
 
 
 def _markdown(config, state, summary, results, sparsity, figures, run) -> str:
-    hard = ", ".join(f"{s:.3f}" for s in sparsity["hard"])
-    expected = ", ".join(f"{s:.3f}" for s in sparsity["expected"])
-    verdict = "yes" if sparsity["within_0.02"] else "no"
     parts = [
-        f"# SMAT run report — {run.name}",
+        f"# {config.method} run report — {run.name}",
         "",
-        f"Backbone `{config.model.backbone}`, M = {config.model.num_experts} experts, τ = {config.train.tau}; "
-        f"best checkpoint at step {state['step']} of {state['total_steps']} "
+        f"Method `{config.method}`, backbone `{config.model.backbone}`, M = {config.model.num_experts} experts, "
+        f"τ = {config.train.tau}; best checkpoint at step {state['step']} of {state['total_steps']} "
         f"({state['tasks_seen']} tasks, validation accuracy {100 * state['best_val']:.2f}%).",
         "",
         f"## Test accuracy (ProtoNet, {config.evaluate.episodes} episodes per domain, mean ± 95% CI, %)",
         "",
-        markdown_table(summary, results),
-        "",
-        "## Sparsity of each expert",
-        "",
-        f"- hard (deterministic masks): {hard}",
-        f"- expected (1 − E[L0]/N): {expected}",
-        f"- every expert within 0.02 of τ = {config.train.tau}: **{verdict}** "
-        f"(largest deviation {sparsity['max_deviation']:.3f})",
+        markdown_table(summary, results, compared_methods(config)),
         "",
     ]
+    if sparsity is not None:
+        verdict = "yes" if sparsity["within_0.02"] else "no"
+        parts += [
+            "## Sparsity of each expert",
+            "",
+            "- hard (deterministic masks): " + ", ".join(f"{s:.3f}" for s in sparsity["hard"]),
+            "- expected (1 − E[L0]/N): " + ", ".join(f"{s:.3f}" for s in sparsity["expected"]),
+            f"- every expert within 0.02 of τ = {config.train.tau}: **{verdict}** "
+            f"(largest deviation {sparsity['max_deviation']:.3f})",
+            "",
+        ]
     for name, path in figures.items():
         parts += [f"![{name}]({Path(path).relative_to(run)})", ""]
     return "\n".join(parts)

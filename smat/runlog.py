@@ -20,6 +20,7 @@ class RunLog:
         self.enabled = enabled
         self._tensorboard = None
         if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -104,7 +104,8 @@ class MetaObjective(nn.Module):
         loss = task_loss + multipliers.penalty(density) + train.hyper_penalty * (logits ** 2).mean()
         accuracy = torch.stack([(s.argmax(-1) == t.query_y).float().mean() for s, t in zip(student, tasks)])
         out = {"loss": loss, "task_loss": task_loss.detach(), "ce": ce.detach().mean(), "kd": kd.detach().mean(),
-               "accuracy": accuracy.mean(), "alpha_sum": alpha.detach().sum(0), "density": density.detach()}
+               "accuracy": accuracy.mean(), "alpha_sum": alpha.detach().sum(0), "density": density.detach(),
+               "hard_density": 1 - model.hard_sparsity()}
         if measure_alignment:
             out.update(theta=theta, alpha=alpha)
         return out
@@ -247,9 +248,15 @@ class Trainer:
 
     def after_step(self, out: dict, alpha_mean: torch.Tensor) -> None:
         """After the optimisers' step: project log_α; λ_m ascends (weighted by the batch's mean α_·,m)
-        while constraint m is violated and resets once it holds."""
+        while constraint m is violated and resets once it holds.
+
+        ``train.constraint_on``: 'expected' judges the constraint on the expected density E[L0]/N, as the
+        paper; 'hard' on the density of the deterministic masks that meta-testing uses (a proxy-Lagrangian,
+        Cotter et al. 2019: the model still descends on the differentiable expected density). The two agree
+        once log_α has saturated; in short runs it has not, and only 'hard' lands the deployed sparsity on τ."""
         self.model.project_log_alpha()
-        self.multipliers.ascend(out["density"], alpha_mean)
+        measured = out["density"] if self.config.train.constraint_on == "expected" else out["hard_density"]
+        self.multipliers.ascend(measured, alpha_mean)
 
     def extra_metrics(self) -> dict:
         """Logged with every training record: each expert's hard and expected sparsity, and λ."""
