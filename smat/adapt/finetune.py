@@ -1,0 +1,90 @@
+"""Algorithm 3: full fine-tuning from the task's merged weights θ_i at meta-test time.
+
+θ_i (``model.task_parameters``; θ_pre for models without experts) is copied into a private copy of
+the backbone, whose every parameter is then a leaf detached from the meta-tuned model. ``steps``
+AdamW steps minimise the support loss (ProtoNet cosine head on the support set, classes from its own
+prototypes) on DiffAugment-ed support images; the query is then classified by ProtoNet with the
+fine-tuned backbone. :mod:`smat.adapt.lora` reuses the same loop with LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.transforms import diff_augment
+from .head import query_accuracy, support_cross_entropy
+
+
+@dataclass
+class FineTuned:
+    backbone: nn.Module  # the task's adapted backbone, in eval mode
+    losses: list[float]  # support loss on the augmented batch of each step, before that step's update
+
+
+def task_backbone(model, theta: torch.Tensor | None) -> nn.Module:
+    """A private copy of ``model.backbone`` holding the task weights ``theta`` [N] (None: θ_pre).
+
+    Parameters outside ``model.layout`` keep their pre-trained values. Frozen, eval mode."""
+    backbone = copy.deepcopy(model.backbone)  # deepcopy clones every parameter: nothing is shared with θ_pre
+    if theta is not None:
+        parameters = dict(backbone.named_parameters())
+        with torch.no_grad():
+            for name, value in model.layout.views(theta.detach()).items():
+                parameters[name].copy_(value)
+    return backbone.requires_grad_(False).eval()
+
+
+def fine_tune(backbone: nn.Module, parameters: list[nn.Parameter], task, lr: float, steps: int, scale: float,
+              augment_probability: float = 0.9, weight_decay: float = 0.0,
+              generator: torch.Generator | None = None, precision: torch.dtype | None = None) -> list[float]:
+    """``steps`` AdamW steps on the support loss of ``task`` with respect to ``parameters``.
+
+    Every step draws a fresh DiffAugment of the support images [S, 3, H, W] (each image augmented with
+    ``augment_probability``; ``generator`` on their device). ``precision``: the autocast dtype (fp16
+    scales the loss). Returns the loss of every step; the backbone is left in eval mode."""
+    device = task.support_x.device
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
+    losses = []
+    backbone.train()  # LoRA's dropout is part of the recipe
+    for _ in range(steps):
+        with torch.no_grad():
+            images = diff_augment(task.support_x, generator, augment_probability)
+        with autocast:
+            loss = support_cross_entropy(backbone(images), task.support_y, task.n_way, scale)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach())
+    backbone.eval()
+    return [float(loss) for loss in losses]  # one device sync at the end instead of one per step
+
+
+@torch.no_grad()
+def backbone_accuracy(backbone: nn.Module, task, scale: float, precision: torch.dtype | None = None) -> float:
+    """ProtoNet query accuracy of ``task`` with ``backbone``; support and query in one forward pass."""
+    device = task.support_x.device
+    autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
+    with autocast:
+        features = backbone(torch.cat([task.support_x, task.query_x]))
+    return query_accuracy(features, task, scale)
+
+
+def full_finetune(model, theta: torch.Tensor | None, task, lr: float, options,
+                  generator: torch.Generator | None = None, precision: torch.dtype | None = None) -> FineTuned:
+    """Algorithm 3 for one task: every backbone parameter trained from θ_i (``theta`` [N]; None: θ_pre)
+    for ``options.steps`` steps (``options``: :class:`smat.adapt.AdaptConfig`)."""
+    backbone = task_backbone(model, theta)
+    parameters = list(backbone.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    losses = fine_tune(backbone, parameters, task, lr, options.steps, model.protonet_scale,
+                       options.augment_probability, options.weight_decay, generator, precision)
+    return FineTuned(backbone, losses)
