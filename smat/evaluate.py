@@ -228,12 +228,18 @@ MODE_RUNNERS = {"protonet": _protonet, "select": _select, "full": _fine_tuning(f
                 "lora": _fine_tuning(lora_finetune)}
 
 
+# Algorithm 2 searches α' ∈ {0, 1}^M from rounded sigmoid scores, merged as α = α' / Σ α': the methods whose
+# hypernetwork scores experts that way (SoftMerge's softmax router and the expert-free baselines do not)
+SELECTABLE_METHODS = ("smat", "smat_independent")
+
+
 def check_mode(run: Run, mode: str) -> None:
     if mode == "lora":
         require_peft()
-    if mode == "select" and not (hasattr(run.model, "merge") and hasattr(run.model, "num_experts")):
-        raise ConfigError(f"mode select chooses among SMAT's experts; run {run.path} (method {run.method}) has "
-                          f"none. Use --mode protonet, full or lora for it.")
+    if mode == "select" and run.method not in SELECTABLE_METHODS:
+        raise ConfigError(f"mode select (Algorithm 2) chooses among sigmoid-scored sparse experts, which run "
+                          f"{run.path} (method {run.method}) does not have; it applies to method "
+                          f"{' or '.join(SELECTABLE_METHODS)}. Use --mode protonet, full or lora for this run.")
 
 
 def run_tasks(run: Run, mode: str, dataset, lr: float | None, options: AdaptConfig, progress=None):

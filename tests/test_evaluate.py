@@ -193,6 +193,15 @@ def test_gradient_mode_searches_the_grid_per_domain(run_dir):
     assert cost.tasks == 1 and cost.seconds > 0
 
 
+def test_select_is_refused_for_a_method_without_sigmoid_scored_experts(tmp_path):
+    config = validate(load_config(None, TINY + ["method=pretrained"]))
+    model = methods.build(config, create_builtin(config.model.builtin, config.model.image_size))
+    run = evaluate.Run(tmp_path, config, model, {"tasks_seen": 0}, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="method pretrained"):
+        evaluate.check_mode(run, "select")
+    evaluate.check_mode(run, "full")
+
+
 # ---------------------------------------------------------------- command line
 
 
