@@ -13,11 +13,13 @@ earlier checkpoint intact. θ_pre is saved once per run, as
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_directory, atomic_path, atomic_write_text
@@ -73,7 +75,8 @@ def load(folder: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dic
         optimizer_file = folder / "optimizer.pt"
         optimizer_state = (torch.load(optimizer_file, map_location=map_location, weights_only=True)
                            if optimizer_file.is_file() else {})
-    except (OSError, ValueError, RuntimeError) as error:
+    # a damaged file: safetensors and torch.load(weights_only=True) raise their own error types
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"cannot read checkpoint {folder}: {error}") from None
     return tensors, optimizer_state, state
 
