@@ -172,7 +172,8 @@ class Config:
 # --------------------------------------------------------------------------
 
 
-def _merge_into(obj, values: dict, where: str) -> None:
+def merge_values(obj, values: dict, where: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from a nested dict, keeping types and naming unknown keys."""
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
@@ -183,7 +184,7 @@ def _merge_into(obj, values: dict, where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} is a section; give its keys ({where}{key}.<name>=...)")
-            _merge_into(current, value, f"{where}{key}.")
+            merge_values(current, value, f"{where}{key}.")
         else:
             setattr(obj, key, _coerce(value, current, f"{where}{key}"))
 
@@ -243,15 +244,15 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
-        _merge_into(config, values, "")
+        merge_values(config, values, "")
     for text in overrides:
-        _merge_into(config, parse_override(text), "")
+        merge_values(config, parse_override(text), "")
     return config
 
 
 def from_dict(values: dict) -> Config:
     config = Config()
-    _merge_into(config, values, "")
+    merge_values(config, values, "")
     return config
 
 

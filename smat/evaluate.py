@@ -25,6 +25,7 @@ results.json says which). Writes results.md/csv (Table 1), cost.md/csv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -45,7 +46,7 @@ from .adapt.finetune import backbone_accuracy, full_finetune
 from .adapt.lora import lora_finetune, require_peft
 from .adapt.select import select_experts, selection_accuracy
 from .backbone import create_backbone
-from .config import Config, ConfigError, _merge_into, from_dict, parse_override, validate
+from .config import Config, ConfigError, from_dict, merge_values, parse_override, validate
 from .io import OutputError, atomic_write_json, ensure_writable_dir
 
 
@@ -143,7 +144,7 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     config = from_dict(values)
     for text in overrides:
-        _merge_into(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
+        merge_values(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
     return validate(config)
 
 
@@ -214,6 +215,8 @@ def _select(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
 
 def _fine_tuning(method):
     def adapt(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
+        # a run trained without flips (glyphs: a mirrored character is another one) is not fine-tuned with them
+        options = dataclasses.replace(options, augment_flip=options.augment_flip and run.config.data.train_flip)
         accuracies = []
         for task, index in zip(tasks, indices, strict=True):
             tuned = method(run.model, _task_theta(run, task), task, lr, options,
@@ -385,7 +388,7 @@ def split_overrides(overrides) -> tuple[list[str], AdaptConfig]:
     rest = []
     for text in overrides:
         if text.startswith("adapt."):
-            _merge_into(options, parse_override(text.removeprefix("adapt.")), "adapt.")
+            merge_values(options, parse_override(text.removeprefix("adapt.")), "adapt.")
         else:
             rest.append(text)
     return rest, validate_adapt(options)

@@ -31,6 +31,7 @@ class AdaptConfig:
     lr: float | None = None  # a fixed learning rate instead of the grid search
     weight_decay: float = 0.0  # AdamW's decay pulls towards 0, i.e. away from θ_i; off unless asked for
     augment_probability: float = 0.9  # DiffAugment applied to each support image with this probability
+    augment_flip: bool = True  # DiffAugment's horizontal flip; off anyway where the run has data.train_flip=false
     lora_rank: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1

@@ -41,7 +41,8 @@ def task_backbone(model, theta: torch.Tensor | None) -> nn.Module:
 
 def fine_tune(backbone: nn.Module, parameters: list[nn.Parameter], task, lr: float, steps: int, scale: float,
               augment_probability: float = 0.9, weight_decay: float = 0.0,
-              generator: torch.Generator | None = None, precision: torch.dtype | None = None) -> list[float]:
+              generator: torch.Generator | None = None, precision: torch.dtype | None = None,
+              flip: bool = True) -> list[float]:
     """``steps`` AdamW steps on the support loss of ``task`` with respect to ``parameters``.
 
     Every step draws a fresh DiffAugment of the support images [S, 3, H, W] (each image augmented with
@@ -55,7 +56,7 @@ def fine_tune(backbone: nn.Module, parameters: list[nn.Parameter], task, lr: flo
     backbone.train()  # LoRA's dropout is part of the recipe
     for _ in range(steps):
         with torch.no_grad():
-            images = diff_augment(task.support_x, generator, augment_probability)
+            images = diff_augment(task.support_x, generator, augment_probability, flip=flip)
         with autocast:
             loss = support_cross_entropy(backbone(images), task.support_y, task.n_way, scale)
         optimizer.zero_grad(set_to_none=True)
@@ -86,5 +87,6 @@ def full_finetune(model, theta: torch.Tensor | None, task, lr: float, options,
     for parameter in parameters:
         parameter.requires_grad_(True)
     losses = fine_tune(backbone, parameters, task, lr, options.steps, model.protonet_scale,
-                       options.augment_probability, options.weight_decay, generator, precision)
+                       options.augment_probability, options.weight_decay, generator, precision,
+                       options.augment_flip)
     return FineTuned(backbone, losses)

@@ -62,5 +62,6 @@ def lora_finetune(model, theta: torch.Tensor | None, task, lr: float, options,
     (:meth:`smat.adapt.AdaptConfig.learning_rates` already applies the ×10)."""
     backbone = add_lora(task_backbone(model, theta), options).to(task.support_x.device)
     losses = fine_tune(backbone, lora_parameters(backbone), task, lr, options.steps, model.protonet_scale,
-                       options.augment_probability, options.weight_decay, generator, precision)
+                       options.augment_probability, options.weight_decay, generator, precision,
+                       options.augment_flip)
     return FineTuned(backbone, losses)

@@ -143,10 +143,11 @@ class TrainTransform:
 
 
 def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, probability: float = 0.9,
-                 translation: float = 1 / 8) -> torch.Tensor:
+                 translation: float = 1 / 8, flip: bool = True) -> torch.Tensor:
     """DiffAugment-style augmentation of a support batch [B, C, H, W] for test-time fine-tuning.
 
-    With ``probability`` per image: horizontal flip (p=½), brightness + U(−½, ½),
+    With ``probability`` per image: horizontal flip (p=½; ``flip=False`` for data where a mirrored image
+    is another class, e.g. glyphs), brightness + U(−½, ½),
     saturation × U(0, 2), contrast × U(½, 3/2), and an integer translation of
     up to ``translation``·size pixels with zero fill. Differentiable in x;
     runs on x's device; draws from ``generator`` (on x's device) if given.
@@ -156,8 +157,8 @@ def diff_augment(x: torch.Tensor, generator: torch.Generator | None = None, prob
     def uniform(*shape):
         return torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    flip = uniform(b, 1, 1, 1) < 0.5
-    out = torch.where(flip, x.flip(-1), x)
+    mirror = uniform(b, 1, 1, 1) < (0.5 if flip else 0.0)
+    out = torch.where(mirror, x.flip(-1), x)
     out = out + (uniform(b, 1, 1, 1) - 0.5)
     mean = out.mean(dim=1, keepdim=True)
     out = (out - mean) * (uniform(b, 1, 1, 1) * 2) + mean
