@@ -1,0 +1,124 @@
+"""Configuration: YAML and ``key=value`` overrides, unknown keys with a suggestion, and one clear
+ConfigError for each impossible setting, raised before a run starts any work."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from smat.backbone import create_backbone, create_builtin, load_weights
+from smat.config import BuiltinArch, ConfigError, ModelConfig, load_config, validate
+from smat.train import main
+
+
+def test_overrides_set_nested_keys_with_the_defaults_types():
+    config = load_config(None, ["train.tau=0.95", "model.num_experts=4", "train.delta_lr=1e-3", "output=runs/x",
+                                "data.train_domains=[latin, shapes]", "model.backend=cpu", "train.epochs=3.0"])
+    assert config.train.tau == 0.95 and config.model.num_experts == 4 and config.output == "runs/x"
+    # YAML reads 1e-3 as a string and 3.0 as a float: both take the default's type
+    assert config.train.delta_lr == 1e-3 and isinstance(config.train.delta_lr, float)
+    assert config.train.epochs == 3 and isinstance(config.train.epochs, int)
+    assert config.data.train_domains == ["latin", "shapes"] and config.model.backend == "cpu"
+    assert validate(config) is config
+
+
+def test_overrides_apply_after_the_yaml_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  tau: 0.8\n  meta_batch: 2\nmodel:\n  num_experts: 4\n")
+    config = load_config(path, ["train.tau=0.95"])
+    assert (config.train.tau, config.train.meta_batch, config.model.num_experts) == (0.95, 2, 4)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.tua=0.9", "unknown config key train.tua; did you mean train.tau?"),
+    ("modle.backbone=builtin", "unknown config key modle; did you mean model?"),
+    ("train.zzz=1", "unknown config key train.zzz; known keys: "),
+    ("train=1", "train is a section; give its keys"),
+    ("train.epochs=many", "train.epochs must be an integer, got 'many'"),
+    ("train.tau=high", "train.tau must be a number, got 'high'"),
+    ("data.train_flip=maybe", "data.train_flip must be true or false"),
+    ("train.tau", "is not key=value"),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert words in str(error.value)
+
+
+def test_a_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nothing.yaml")
+
+
+IMPOSSIBLE = [
+    ("train.tau=1.0", ["train.tau (target sparsity) must be in [0, 1); got 1.0"]),
+    ("train.tau=-0.1", ["train.tau (target sparsity) must be in [0, 1); got -0.1"]),
+    ("model.num_experts=0", ["model.num_experts (M) must be an integer from 1 to 32; got 0"]),
+    ("model.num_experts=33", ["model.num_experts (M) must be an integer from 1 to 32; got 33"]),
+    ("model.backbone=vit_smal_patch16_224", ["'vit_smal_patch16_224' is not a model timm knows",
+                                             "vit_small_patch16_224"]),
+]
+
+
+@pytest.mark.parametrize("override,words", IMPOSSIBLE, ids=[case[0] for case in IMPOSSIBLE])
+def test_each_impossible_setting_is_one_clear_error(override, words):
+    with pytest.raises(ConfigError) as error:
+        validate(load_config(None, [override]))
+    message = str(error.value)
+    assert message.count("\n  - ") == 1, message
+    assert all(word in message for word in words), message
+
+
+def test_every_problem_is_listed_in_one_error():
+    with pytest.raises(ConfigError) as error:
+        validate(load_config(None, ["train.tau=1.5", "model.num_experts=40", "train.precision=fp8"]))
+    message = str(error.value)
+    assert message.count("\n  - ") == 3
+    assert "train.tau" in message and "model.num_experts" in message and "train.precision" in message
+
+
+@pytest.mark.parametrize("override,words", IMPOSSIBLE, ids=[case[0] for case in IMPOSSIBLE])
+def test_the_command_stops_before_any_work(tmp_path, capsys, override, words):
+    run = tmp_path / "run"
+    assert main([f"output={run}", "pretrain.epochs=1", override]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: invalid config") and all(word in error for word in words)
+    assert not run.exists(), "the output folder was created for a config that cannot run"
+
+
+# --------------------------------------------------------------------------
+# a weights file that does not fit the backbone
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def foreign_weights(tmp_path):
+    """A state dict of another model: one key the built-in ViT lacks, and a narrower patch embedding."""
+    state = create_builtin(BuiltinArch(embed_dim=64), 32).state_dict()
+    state["encoder.extra"] = torch.zeros(3)
+    del state["norm.weight"]
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_weights_whose_keys_do_not_fit(foreign_weights):
+    with pytest.raises(ConfigError) as error:
+        load_weights(create_builtin(BuiltinArch(), 32), foreign_weights, "builtin")
+    message = str(error.value)
+    assert f"weights file {foreign_weights} does not fit backbone 'builtin'" in message
+    assert "missing: norm.weight (1)" in message and "unexpected: encoder.extra (1)" in message
+    assert re.search(r"wrong shape: \S+, .* \(\d+\)", message), message  # the first few, and how many
+    assert "Check model.backbone and model.image_size" in message
+    with pytest.raises(ConfigError, match="does not fit backbone"):
+        create_backbone(ModelConfig(weights=str(foreign_weights)))
+
+
+def test_the_command_reports_weights_that_do_not_fit(tmp_path, capsys, foreign_weights):
+    run = tmp_path / "run"
+    assert main([f"output={run}", f"model.weights={foreign_weights}", "pretrain.epochs=1", "device=cpu"]) == 2
+    assert "does not fit backbone 'builtin'" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
