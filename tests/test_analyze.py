@@ -157,14 +157,16 @@ def tiny_run(tmp_path_factory) -> Path:
     command = [sys.executable, "-m", "smat.train", f"output={run}", "train.epochs=1", "train.tasks_per_epoch=4",
                "train.val_episodes=2", "evaluate.episodes=2", "pretrain.epochs=1", "train.alignment_every=1",
                "data.test_domains=[latin,digits]"]  # one ID and one OOD domain: all Fig. 3 needs, and quick
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # run outside the source tree so that the subprocess imports the installed package, like the tests
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=run.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     return run
 
 
 def test_command_end_to_end(tiny_run, tmp_path):
     result = subprocess.run([sys.executable, "-m", "smat.analyze", str(tiny_run), "--output", str(tmp_path),
-                             "--episodes", "2", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+                             "--episodes", "2", "--device", "cpu"], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in PLOTS:
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE, name

@@ -18,7 +18,6 @@ from smat.config import load_config
 from smat.distributed import World
 from smat.model import SparseInterpolatedExperts
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("pretrained", "pmf", "softmerge", "smat_independent")
 TRAINED = ("pmf", "softmerge", "smat_independent")
 # a small random backbone and 2-way tasks at 16 px: every step runs in milliseconds on a CPU
@@ -180,8 +179,8 @@ def test_train_command_end_to_end(method, trained, steps, tmp_path):
     run = tmp_path / method
     command = [sys.executable, "-m", "smat.train", f"method={method}", f"output={run}", "train.epochs=1",
                "train.tasks_per_epoch=4", "train.val_episodes=2", "evaluate.episodes=2", "pretrain.epochs=1"]
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}  # cwd outside the source tree: the installed package
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     tensors, _, state = checkpoint.load(checkpoint.resolve(run, "best"))
     assert set(tensors) == trained and state["method"] == method and state["step"] == steps

@@ -244,6 +244,6 @@ def test_cli_user_errors_exit_2_with_one_message(run_dir, tmp_path, capsys, argu
 def test_module_entry_point_reports_a_missing_run(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "smat.evaluate", "--checkpoint", str(tmp_path / "missing")],
                                capture_output=True, text=True, timeout=120,
-                               cwd=Path(__file__).resolve().parents[1])
+                               cwd=tmp_path)
     assert completed.returncode == 2
     assert "does not exist" in completed.stderr and "Traceback" not in completed.stderr
