@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 
 import pytest
+import torch
 from bench_util import ResultsTable, measure_copy_bandwidth
 
 
@@ -43,6 +44,16 @@ def copy_bandwidth(results) -> dict:
     """Host copy bandwidth (GB/s, read + write counted) measured once per run."""
     baseline = measure_copy_bandwidth("cpu")
     results.baselines["cpu_copy_gbps"] = baseline
+    return baseline
+
+
+@pytest.fixture(scope="session")
+def cuda_copy_bandwidth(results) -> float:
+    """Device-to-device copy bandwidth (GB/s, read + write counted), once per run."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    baseline = measure_copy_bandwidth("cuda", nbytes=2 * 2**30)
+    results.baselines["cuda_copy_gbps"] = baseline
     return baseline
 
 

@@ -18,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from bench_util import bytes_merge_backward, bytes_merge_forward, measure_copy_bandwidth, run_case
+from bench_util import bytes_merge_backward, bytes_merge_forward, run_case
 
 import smat_kernels
 from smat_kernels import reference
@@ -31,16 +31,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 IMPLS = ["cuda", "triton", "reference", "compiled"]
 SEED, OFFSET = 1234, 0
 ROUNDS = {"cuda": 20, "triton": 20, "compiled": 5, "reference": 3}
-
-
-@pytest.fixture(scope="session")
-def cuda_copy_bandwidth(results) -> float:
-    """Device-to-device copy bandwidth (GB/s, read + write counted), once per run."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    baseline = measure_copy_bandwidth("cuda", nbytes=2 * 2**30)
-    results.baselines["cuda_copy_gbps"] = baseline
-    return baseline
 
 
 def require(impl: str) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_util import bytes_merge_backward, bytes_merge_forward, measure_copy_bandwidth, run_case
+from bench_util import bytes_merge_backward, bytes_merge_forward, run_case
 
 from smat.backbone import create_backbone
 from smat.config import load_config
@@ -113,16 +113,6 @@ def test_train_step_cpu(benchmark, results, copy_bandwidth, parallel, impl):
         pytest.skip(f"backend {impl} cannot run: {reason}")
     measure(benchmark, results, copy_bandwidth, backbone_name="builtin", image_size=32, impl=impl,
             parallel=parallel, device="cpu", dtype="float32", rounds=ROUNDS["cpu"][impl])
-
-
-@pytest.fixture(scope="session")
-def cuda_copy_bandwidth(results) -> float:
-    """Device-to-device copy bandwidth (GB/s, read + write counted), once per run."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    baseline = measure_copy_bandwidth("cuda", nbytes=2 * 2**30)
-    results.baselines["cuda_copy_gbps"] = baseline
-    return baseline
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from . import protonet
 from .backbone import feature_dim
 from .config import ModelConfig
 from .flat import FlatLayout
+from .hypernet import Hypernetwork
 
 
 class SparseInterpolatedExperts(nn.Module):
@@ -180,10 +181,3 @@ class SparseInterpolatedExperts(nn.Module):
                 f"{self.log_alpha_range[1]:g}]")
 
 
-Hypernetwork = hyper.Hypernetwork
-
-
-def initial_log_alpha_for_density(density: float, beta: float = smat_kernels.BETA) -> float:
-    """The log_α at which P(z ≠ 0) = ``density`` (for initialising experts at a chosen sparsity)."""
-    shift = beta * math.log(-smat_kernels.GAMMA / smat_kernels.ZETA)
-    return math.log(density / (1 - density)) + shift
