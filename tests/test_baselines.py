@@ -87,7 +87,9 @@ def test_pretrained_has_no_task_parameters_and_nothing_to_train(tmp_path):
 
 @pytest.mark.parametrize("method", TRAINED)
 def test_training_steps_change_parameters_and_reduce_the_query_loss(method, tmp_path):
-    trainer = tiny_trainer(method, tmp_path)
+    # settings of its own, not the built-in default's: a learning rate that moves δ within 5 steps, no
+    # warm-up, and τ = 0 so that no sparsity constraint closes masks while the loss is measured
+    trainer = tiny_trainer(method, tmp_path, "train.delta_lr=3e-2", "train.warmup_fraction=0", "train.tau=0")
     tasks = fixed_batch(trainer)
     before = {name: value.clone() for name, value in trainer.model.trainable_tensors().items()}
     loss_before = deterministic_query_loss(trainer.model, tasks)
