@@ -7,6 +7,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "smat/dispatch.h"
 #include "smat/elementwise.h"
 
 // Vector variants of the transcendental functions used by elementwise.h.
@@ -23,8 +24,6 @@ __attribute__((simd("notinbranch"))) float log1pf(float) noexcept;
 
 namespace smat::cpu {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-enum BitsDType : int { kUInt8 = 0, kInt16 = 1, kInt32 = 2 };
 
 struct bfloat16 {
   uint16_t bits;
@@ -62,43 +61,14 @@ inline bfloat16 from_float<bfloat16>(float value) {
   return bfloat16{static_cast<uint16_t>((bits + rounding) >> 16)};
 }
 
-// Calls fn with a typed null pointer of the θ storage type named by `dtype`.
 template <typename Fn>
 void dispatch_theta_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kFloat32:
-      fn(static_cast<float*>(nullptr));
-      break;
-    case kBFloat16:
-      fn(static_cast<bfloat16*>(nullptr));
-      break;
-    case kFloat16:
-      fn(static_cast<_Float16*>(nullptr));
-      break;
-    default:
-      throw std::invalid_argument("smat._cpu: unknown theta dtype code");
-  }
+  smat::dispatch_theta_dtype<bfloat16, _Float16>(dtype, "smat._cpu", fn);
 }
 
 template <typename Fn>
 void dispatch_bits_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kUInt8:
-      fn(static_cast<uint8_t*>(nullptr));
-      break;
-    case kInt16:
-      fn(static_cast<int16_t*>(nullptr));
-      break;
-    case kInt32:
-      fn(static_cast<int32_t*>(nullptr));
-      break;
-    default:
-      throw std::invalid_argument("smat._cpu: unknown expert-bits dtype code");
-  }
-}
-
-inline HardConcrete hard_concrete(int mode, float beta, float gamma, float zeta) {
-  return HardConcrete{mode == kDeterministic ? 1.0f : 1.0f / beta, gamma, zeta - gamma};
+  smat::dispatch_bits_dtype(dtype, "smat._cpu", fn);
 }
 
 }  // namespace smat::cpu

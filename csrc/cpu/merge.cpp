@@ -234,30 +234,9 @@ void merge_backward_typed(const MergeArgs& args, const T* grad_out, const T* del
   }
 }
 
-// Calls fn(mode, default_temperature) with both as compile-time constants.
 template <typename Fn>
 void dispatch_mode(const MergeArgs& args, Fn&& fn) {
-  const bool default_temperature = is_default_temperature(1.0f / args.beta);
-  auto with_temperature = [&](auto mode) {
-    if (default_temperature) {
-      fn(mode, std::true_type{});
-    } else {
-      fn(mode, std::false_type{});
-    }
-  };
-  switch (args.mode) {
-    case kDeterministic:
-      with_temperature(std::integral_constant<int, kDeterministic>{});
-      break;
-    case kSample:
-      with_temperature(std::integral_constant<int, kSample>{});
-      break;
-    case kNearNoiseless:
-      with_temperature(std::integral_constant<int, kNearNoiseless>{});
-      break;
-    default:
-      throw std::invalid_argument("smat._cpu: unknown mask mode code");
-  }
+  smat::dispatch_mode(args.mode, args.beta, "smat._cpu", fn);
 }
 
 }  // namespace

@@ -13,12 +13,11 @@
 #include <string>
 #include <type_traits>
 
+#include "smat/dispatch.h"
 #include "smat/elementwise.h"
 
 namespace smat::cuda {
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-enum BitsDType : int { kUInt8 = 0, kInt16 = 1, kInt32 = 2 };
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullWarp = 0xFFFFFFFFu;
@@ -126,72 +125,19 @@ __device__ __forceinline__ V warp_sum(V value) {
   return value;
 }
 
-inline HardConcrete hard_concrete(int mode, float beta, float gamma, float zeta) {
-  return HardConcrete{mode == kDeterministic ? 1.0f : 1.0f / beta, gamma, zeta - gamma};
-}
-
-// Calls fn with a typed null pointer of the θ storage type named by `dtype`.
 template <typename Fn>
 void dispatch_theta_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kFloat32:
-      fn(static_cast<float*>(nullptr));
-      break;
-    case kBFloat16:
-      fn(static_cast<__nv_bfloat16*>(nullptr));
-      break;
-    case kFloat16:
-      fn(static_cast<__half*>(nullptr));
-      break;
-    default:
-      throw std::invalid_argument("smat._cuda: unknown theta dtype code");
-  }
+  smat::dispatch_theta_dtype<__nv_bfloat16, __half>(dtype, "smat._cuda", fn);
 }
 
 template <typename Fn>
 void dispatch_bits_dtype(int dtype, Fn&& fn) {
-  switch (dtype) {
-    case kUInt8:
-      fn(static_cast<uint8_t*>(nullptr));
-      break;
-    case kInt16:
-      fn(static_cast<int16_t*>(nullptr));
-      break;
-    case kInt32:
-      fn(static_cast<int32_t*>(nullptr));
-      break;
-    default:
-      throw std::invalid_argument("smat._cuda: unknown expert-bits dtype code");
-  }
+  smat::dispatch_bits_dtype(dtype, "smat._cuda", fn);
 }
 
-// Calls fn(mode, default_temperature) with both as compile-time constants.
-// Deterministic masks do not depend on the temperature: one instantiation.
 template <typename Fn>
 void dispatch_mode(int mode, float beta, Fn&& fn) {
-  const bool default_temperature = is_default_temperature(1.0f / beta);
-  auto with_temperature = [&](auto mode_constant) {
-    if constexpr (decltype(mode_constant)::value == kDeterministic) {
-      fn(mode_constant, std::false_type{});
-    } else if (default_temperature) {
-      fn(mode_constant, std::true_type{});
-    } else {
-      fn(mode_constant, std::false_type{});
-    }
-  };
-  switch (mode) {
-    case kDeterministic:
-      with_temperature(std::integral_constant<int, kDeterministic>{});
-      break;
-    case kSample:
-      with_temperature(std::integral_constant<int, kSample>{});
-      break;
-    case kNearNoiseless:
-      with_temperature(std::integral_constant<int, kNearNoiseless>{});
-      break;
-    default:
-      throw std::invalid_argument("smat._cuda: unknown mask mode code");
-  }
+  smat::dispatch_mode(mode, beta, "smat._cuda", fn);
 }
 
 }  // namespace smat::cuda
