@@ -21,6 +21,17 @@ BLOCKS = (64, 128, 256)
 INTERPRETER_ROWS = 512
 
 
+@triton.jit
+def _log_alpha_tile(log_alpha_ptr, block, n, experts, expert_valid, NUM_EXPERTS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Rows block·BLOCK … of log_α as a [BLOCK, EXPERTS_PADDED] tile (0 where
+    out of range) and the mask of its valid entries."""
+    rows = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    valid = (rows < n)[:, None] & expert_valid[None, :]
+    log_alpha = tl.load(log_alpha_ptr + rows[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0.0)
+    return log_alpha, valid
+
+
 @triton.autotune(configs=autotune_configs(BLOCKS, interpreter_block=INTERPRETER_ROWS), key=["n", "NUM_EXPERTS"])
 @triton.jit
 def expected_density_kernel(partials_ptr, log_alpha_ptr, n, shift, NUM_EXPERTS: tl.constexpr,
@@ -35,9 +46,7 @@ def expected_density_kernel(partials_ptr, log_alpha_ptr, n, shift, NUM_EXPERTS: 
     expert_valid = experts < NUM_EXPERTS
     total = tl.zeros([EXPERTS_PADDED], dtype=tl.float32)
     for block in range(program, tl.cdiv(n, BLOCK), tl.num_programs(0)):
-        rows = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        valid = (rows < n)[:, None] & expert_valid[None, :]
-        log_alpha = tl.load(log_alpha_ptr + rows[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0.0)
+        log_alpha, valid = _log_alpha_tile(log_alpha_ptr, block, n, experts, expert_valid, NUM_EXPERTS, BLOCK)
         probability = 1.0 / (1.0 + tl.exp(shift - log_alpha))
         total += tl.sum(tl.where(valid, probability, 0.0), axis=0)
     tl.store(partials_ptr + program * NUM_EXPERTS + experts, total, mask=expert_valid)
@@ -75,9 +84,7 @@ def hard_density_kernel(partials_ptr, log_alpha_ptr, n, gamma, stretch, NUM_EXPE
     expert_valid = experts < NUM_EXPERTS
     count = tl.zeros([EXPERTS_PADDED], dtype=tl.int64)
     for block in range(program, tl.cdiv(n, BLOCK), tl.num_programs(0)):
-        rows = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        valid = (rows < n)[:, None] & expert_valid[None, :]
-        log_alpha = tl.load(log_alpha_ptr + rows[:, None] * NUM_EXPERTS + experts[None, :], mask=valid, other=0.0)
+        log_alpha, valid = _log_alpha_tile(log_alpha_ptr, block, n, experts, expert_valid, NUM_EXPERTS, BLOCK)
         stretched = stretch / (1.0 + tl.exp(-log_alpha)) + gamma
         count += tl.sum((valid & (stretched > 0.0)).to(tl.int64), axis=0)
     tl.store(partials_ptr + program * NUM_EXPERTS + experts, count, mask=expert_valid)

@@ -90,6 +90,37 @@ def _mask_entry(noise, expert, inverse_temperature, gamma, stretch):
     return mask, derivative
 
 
+@triton.jit
+def _expert_mask(word0, word1, word2, word3, log_alpha_ptr, alpha_ptr, elements, in_range, tasks, task_valid,
+                 inverse_temperature, gamma, stretch, EXPERT: tl.constexpr, WORD_INDEX: tl.constexpr,
+                 NUM_EXPERTS: tl.constexpr, MODE: tl.constexpr, DEFAULT_TEMPERATURE: tl.constexpr):
+    """α[:, m] [TASKS], and the mask z[:, :, m] with its derivative
+    [TASKS, BLOCK] of expert m = EXPERT on a tile; word WORD_INDEX of the
+    Philox words is its noise (unused in deterministic mode)."""
+    log_alpha = tl.load(log_alpha_ptr + elements * NUM_EXPERTS + EXPERT, mask=in_range, other=0.0)
+    alpha = tl.load(alpha_ptr + tasks * NUM_EXPERTS + EXPERT, mask=task_valid, other=0.0)
+    # exp(−log_α/T): once per (element, expert), shared by the B tasks.
+    expert_factor = tl.exp(-log_alpha * inverse_temperature)[None, :]
+    if MODE == DETERMINISTIC:
+        mask, derivative = _mask_entry(1.0, expert_factor, inverse_temperature, gamma, stretch)
+    else:
+        word = _select_word(word0, word1, word2, word3, WORD_INDEX)
+        noise = _noise_factor(word, inverse_temperature, MODE, DEFAULT_TEMPERATURE)
+        mask, derivative = _mask_entry(noise, expert_factor, inverse_temperature, gamma, stretch)
+    return alpha, mask, derivative
+
+
+@triton.jit
+def _philox_words(seed, counters, MODE: tl.constexpr):
+    """tl.randint4x(seed, counters); deterministic masks draw no noise, so
+    there the counters stand in for the four (unused) words."""
+    if MODE == DETERMINISTIC:
+        word0, word1, word2, word3 = counters, counters, counters, counters
+    else:
+        word0, word1, word2, word3 = tl.randint4x(seed, counters)
+    return word0, word1, word2, word3
+
+
 # Triton's interpreter (3.9) casts fp32 → bf16 by truncation; compiled
 # kernels round to nearest even, like torch. Under the interpreter the
 # rounding is done by hand so that both agree with torch.
@@ -133,21 +164,13 @@ def merge_forward_kernel(out_ptr, theta_pre_ptr, delta_ptr, log_alpha_ptr, alpha
     counter_base = offset + (tasks[:, None].to(tl.int64) * n + elements[None, :]) * groups
     weight = tl.zeros([TASKS, BLOCK], dtype=tl.float32)
     for group in tl.static_range(groups):
-        if MODE != DETERMINISTIC:
-            word0, word1, word2, word3 = tl.randint4x(seed, counter_base + group)
+        word0, word1, word2, word3 = _philox_words(seed, counter_base + group, MODE)
         for word_index in tl.static_range(WORDS_PER_PHILOX_CALL):
             expert = group * WORDS_PER_PHILOX_CALL + word_index
             if expert < NUM_EXPERTS:
-                log_alpha = tl.load(log_alpha_ptr + elements * NUM_EXPERTS + expert, mask=in_range, other=0.0)
-                alpha = tl.load(alpha_ptr + tasks * NUM_EXPERTS + expert, mask=task_valid, other=0.0)
-                # exp(−log_α/T): once per (element, expert), shared by the B tasks.
-                expert_factor = tl.exp(-log_alpha * inverse_temperature)[None, :]
-                if MODE == DETERMINISTIC:
-                    mask, _ = _mask_entry(1.0, expert_factor, inverse_temperature, gamma, stretch)
-                else:
-                    word = _select_word(word0, word1, word2, word3, word_index)
-                    noise = _noise_factor(word, inverse_temperature, MODE, DEFAULT_TEMPERATURE)
-                    mask, _ = _mask_entry(noise, expert_factor, inverse_temperature, gamma, stretch)
+                alpha, mask, _ = _expert_mask(word0, word1, word2, word3, log_alpha_ptr, alpha_ptr, elements,
+                                              in_range, tasks, task_valid, inverse_temperature, gamma, stretch,
+                                              expert, word_index, NUM_EXPERTS, MODE, DEFAULT_TEMPERATURE)
                 weight = weight + alpha[:, None] * mask
     theta_pre = tl.load(theta_pre_ptr + elements, mask=in_range, other=0.0).to(tl.float32)
     delta = tl.load(delta_ptr + elements, mask=in_range, other=0.0).to(tl.float32)
@@ -202,20 +225,14 @@ def merge_backward_kernel(grad_ptr, delta_ptr, log_alpha_ptr, alpha_ptr, grad_th
         counter_base = offset + tile_offsets * groups
         weight = tl.zeros([TASKS, BLOCK], dtype=tl.float32)
         for group in tl.static_range(groups):
-            if MODE != DETERMINISTIC:
-                word0, word1, word2, word3 = tl.randint4x(seed, counter_base + group)
+            word0, word1, word2, word3 = _philox_words(seed, counter_base + group, MODE)
             for word_index in tl.static_range(WORDS_PER_PHILOX_CALL):
                 expert = group * WORDS_PER_PHILOX_CALL + word_index
                 if expert < NUM_EXPERTS:
-                    log_alpha = tl.load(log_alpha_ptr + elements * NUM_EXPERTS + expert, mask=in_range, other=0.0)
-                    alpha = tl.load(alpha_ptr + tasks * NUM_EXPERTS + expert, mask=task_valid, other=0.0)
-                    expert_factor = tl.exp(-log_alpha * inverse_temperature)[None, :]
-                    if MODE == DETERMINISTIC:
-                        mask, derivative = _mask_entry(1.0, expert_factor, inverse_temperature, gamma, stretch)
-                    else:
-                        word = _select_word(word0, word1, word2, word3, word_index)
-                        noise = _noise_factor(word, inverse_temperature, MODE, DEFAULT_TEMPERATURE)
-                        mask, derivative = _mask_entry(noise, expert_factor, inverse_temperature, gamma, stretch)
+                    alpha, mask, derivative = _expert_mask(
+                        word0, word1, word2, word3, log_alpha_ptr, alpha_ptr, elements, in_range, tasks, task_valid,
+                        inverse_temperature, gamma, stretch, expert, word_index, NUM_EXPERTS, MODE,
+                        DEFAULT_TEMPERATURE)
                     if NEED_DELTA:
                         weight = weight + alpha[:, None] * mask
                     if NEED_ALPHA:
