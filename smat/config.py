@@ -126,6 +126,9 @@ class TrainConfig:
     inner_steps: int = 1
     teacher_lr: float = 5e-3
     teacher_steps: int = 1  # K; 0 disables the dense teacher (ablation)
+    # False: Table 2's 'no split' ablation — each task's support and query sets are pooled, and the pool
+    # serves as both (the support step, prototypes and loss all see the same images)
+    support_query_split: bool = True
     ce_weight: float = 0.75  # β in β·CE + (1 − β)·KD
     kd_temperature: float = 2.0
     kd_pretrained_share: float = 0.0  # reference code: 0.5 of the KD term goes to the pre-trained model
@@ -318,6 +321,9 @@ def validate(config: Config) -> Config:
         _positive(problems, f"train.{name}", getattr(train, name))
     for name in ("inner_lr", "teacher_lr", "hyper_penalty", "delta_weight_decay", "hyper_weight_decay"):
         _positive(problems, f"train.{name}", getattr(train, name), zero=True)
+    if not train.support_query_split and config.method in ("pmf", "pretrained"):
+        problems.append(f"train.support_query_split=false (Table 2's ablation) applies to SMAT's objective; "
+                        f"method={config.method} does not use it: drop the override or pick method=smat")
     if not 0.0 <= train.warmup_fraction < 1.0:
         problems.append(f"train.warmup_fraction must be in [0, 1); got {train.warmup_fraction}")
     for name in ("n_way", "k_shot", "q_query"):

@@ -55,6 +55,8 @@ class MetaObjective(nn.Module):
                 multipliers: SparsityMultipliers) -> dict[str, torch.Tensor]:
         model, train = self.model, self.config.train
         autocast = _autocast(self.config, tasks[0].query_x.device)
+        if not train.support_query_split:
+            tasks = [task.pooled() for task in tasks]
 
         # α'_i ~ GumbelSigmoid(h_ζ(T_i^s)); α_i = α'_i / Σ_m α'_i,m
         with autocast:

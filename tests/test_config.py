@@ -4,6 +4,7 @@ ConfigError for each impossible setting, raised before a run starts any work."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,12 @@ def test_each_impossible_setting_is_one_clear_error(override, words):
     assert all(word in message for word in words), message
 
 
+def test_the_no_split_ablation_is_refused_for_methods_without_smats_objective():
+    with pytest.raises(ConfigError, match="train.support_query_split=false .* method=pmf does not use it"):
+        validate(load_config(None, ["method=pmf", "train.support_query_split=false"]))
+    assert validate(load_config(None, ["train.support_query_split=false"])).train.support_query_split is False
+
+
 def test_every_problem_is_listed_in_one_error():
     with pytest.raises(ConfigError) as error:
         validate(load_config(None, ["train.tau=1.5", "model.num_experts=40", "train.precision=fp8"]))
@@ -122,3 +129,14 @@ def test_the_command_reports_weights_that_do_not_fit(tmp_path, capsys, foreign_w
     assert main([f"output={run}", f"model.weights={foreign_weights}", "pretrain.epochs=1", "device=cpu"]) == 2
     assert "does not fit backbone 'builtin'" in capsys.readouterr().err
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_is_valid(path, tmp_path):
+    """Each file under configs/ loads and validates; the paper configs get the data root they ask for."""
+    config = load_config(path, [])
+    overrides = [f"data.root={tmp_path}"] if config.data.source in ("h5", "folder") else []
+    validate(load_config(path, overrides))

@@ -96,6 +96,38 @@ def test_gradients_reach_delta_log_alpha_and_the_hypernetwork(tmp_path, pretrain
     assert all(p.grad is None for p in model.backbone.parameters()), "θ_pre must stay frozen"
 
 
+def test_without_the_split_the_support_step_and_the_loss_see_the_pooled_images(tmp_path, pretrained_backbone,
+                                                                               monkeypatch):
+    """Table 2's 'no split' ablation (train.support_query_split=false): the support step, the prototypes
+    and the query loss all run on the union of each task's support and query images."""
+    import smat.objective as objective
+
+    seen = {"support": [], "query": []}
+    support_loss, query_logits = objective.support_loss, objective.query_logits
+
+    def recording_support_loss(model, parameters, tasks, *args):
+        seen["support"].extend((len(t.support_y), len(t.query_y)) for t in tasks)
+        return support_loss(model, parameters, tasks, *args)
+
+    def recording_query_logits(model, parameters, tasks, *args):
+        seen["query"].extend((len(t.support_y), len(t.query_y)) for t in tasks)
+        return query_logits(model, parameters, tasks, *args)
+
+    monkeypatch.setattr(objective, "support_loss", recording_support_loss)
+    monkeypatch.setattr(objective, "query_logits", recording_query_logits)
+    trainer = make_trainer(tmp_path, "train.support_query_split=false", "train.alignment_every=0")
+    tasks = first_batch(trainer)
+    record = trainer.train_step(tasks)
+    assert not record["skipped"] and torch.isfinite(torch.tensor(record["ce"]))
+    pooled = [(len(t.support_y) + len(t.query_y),) * 2 for t in tasks]
+    assert seen["support"] == pooled
+    assert seen["query"][:len(tasks)] == pooled
+    for task in tasks:
+        union = task.pooled()
+        assert torch.equal(union.support_x, union.query_x)
+        assert torch.equal(union.support_y, torch.cat([task.support_y, task.query_y]))
+
+
 # --------------------------------------------------------------------------
 # the Lagrange multipliers
 # --------------------------------------------------------------------------

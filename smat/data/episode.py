@@ -56,6 +56,13 @@ class Task:
     def n_way(self) -> int:
         return len(self.class_names)
 
+    def pooled(self) -> Task:
+        """The task without its support/query split: both sets are the union
+        of the two (Table 2's 'no split' ablation)."""
+        x = torch.cat([self.support_x, self.query_x])
+        y = torch.cat([self.support_y, self.query_y])
+        return replace(self, support_x=x, support_y=y, query_x=x, query_y=y)
+
     def to(self, device, non_blocking: bool = False) -> Task:
         move = {name: getattr(self, name).to(device, non_blocking=non_blocking)
                 for name in ("support_x", "support_y", "query_x", "query_y")}
