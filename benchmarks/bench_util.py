@@ -132,21 +132,34 @@ class ResultsTable:
         stem = f"{device}_{info['date'][:10]}"
         json_path = directory / f"{stem}.json"
         md_path = directory / f"{stem}.md"
-        payload = {"machine": info, "baselines": self.baselines, "rows": self.rows}
+        rows = self.rows + self._earlier_rows(json_path, info)
+        payload = {"machine": info, "baselines": self.baselines, "rows": rows}
         _atomic_write(json_path, json.dumps(payload, indent=2))
-        _atomic_write(md_path, self.markdown(info))
+        _atomic_write(md_path, self.markdown(info, rows))
         return [json_path, md_path]
 
-    def markdown(self, info: dict) -> str:
+    def _earlier_rows(self, json_path: Path, info: dict) -> list[dict]:
+        """Rows of an earlier run on this machine today that this run did not
+        measure again, so that benchmarks run one file at a time add up to one
+        table. Each row keeps the copy bandwidth of its own run."""
+        if not json_path.exists():
+            return []
+        earlier = json.loads(json_path.read_text())
+        if earlier.get("machine", {}).get("host") != info["host"]:
+            return []
+        measured = {_row_key(row) for row in self.rows}
+        return [row for row in earlier.get("rows", []) if _row_key(row) not in measured]
+
+    def markdown(self, info: dict, rows: list[dict]) -> str:
         header = (f"Machine: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
                   f"{info['date'][:10]}. Copy bandwidth: "
                   + ", ".join(f"{k} {v:.1f} GB/s" for k, v in self.baselines.items()) + "\n\n")
         columns = ["op", "impl", "N", "B", "M", "dtype", "seconds", "GB/s", "copy ratio", "speed-up vs eager",
                    "speed-up vs compiled", "peak extra MiB", "[B,N] buffers"]
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in sorted(self.rows, key=lambda r: (r["op"], r["N"], r["B"], r["impl"])):
-            eager = self._time_of(row, "reference")
-            compiled = self._time_of(row, "compiled")
+        for row in sorted(rows, key=lambda r: (r["op"], r["N"], r["B"], r["impl"])):
+            eager = _time_of(rows, row, "reference")
+            compiled = _time_of(rows, row, "compiled")
             cells = [row["op"], row["impl"], _millions(row["N"]), row["B"], row["M"], row["dtype"],
                      f"{row['seconds']:.4g}", f"{row['gbps']:.2f}", f"{row['copy_ratio']:.2f}",
                      _ratio(eager, row["seconds"]), _ratio(compiled, row["seconds"]),
@@ -154,11 +167,17 @@ class ResultsTable:
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         return header + "\n".join(lines) + "\n"
 
-    def _time_of(self, row: dict, impl: str) -> float | None:
-        for other in self.rows:
-            if other["impl"] == impl and all(other[k] == row[k] for k in ("op", "N", "B", "M", "dtype")):
-                return other["seconds"]
-        return None
+
+def _row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("op", "impl", "device", "N", "B", "M", "dtype"))
+
+
+def _time_of(rows: list[dict], row: dict, impl: str) -> float | None:
+    """Seconds of the `impl` row measured on the same case as `row`."""
+    for other in rows:
+        if other["impl"] == impl and all(other[k] == row[k] for k in ("op", "N", "B", "M", "dtype")):
+            return other["seconds"]
+    return None
 
 
 def _millions(n: int) -> str:
@@ -206,7 +225,7 @@ def run_case(benchmark, results: ResultsTable, copy_gbps: float, *, op: str, imp
     buffer_bytes = batch * n * theta_itemsize(dtype)
     row = results.add(op=op, impl=impl, device=device, N=n, B=batch, M=num_experts,
                       dtype=str(dtype).replace("torch.", ""), seconds=seconds, bytes=nbytes, gbps=gbps,
-                      copy_ratio=gbps / copy_gbps, peak_extra_bytes=memory.peak_bytes,
+                      copy_gbps=copy_gbps, copy_ratio=gbps / copy_gbps, peak_extra_bytes=memory.peak_bytes,
                       peak_in_bn_buffers=max(0, memory.peak_bytes - output_bytes) / buffer_bytes)
     benchmark.extra_info.update(row)
     return row
