@@ -54,21 +54,18 @@ def rounds_for(impl: str, n: int) -> int:
     return 5 if impl == "cpu" or n < 10_000_000 else 1
 
 
-def first_call(impl: str, fn) -> tuple[float | None, int]:
-    """Run the first call outside the timings where it differs from the
-    rest: torch.compile compiles there (its seconds are returned and
-    recorded), the CPU backend warms up. Returns (first-call seconds or
-    None, warm-up rounds left for pytest-benchmark)."""
-    if impl != "compiled":
-        return None, 0 if impl == "reference" else 1
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start, 0
-
-
-def record_first_call(row: dict, seconds: float | None) -> None:
-    if seconds is not None:
-        row["first_call_seconds"] = seconds
+def run_merge_case(benchmark, results, copy_bandwidth, impl: str, fn, **case) -> None:
+    """bench_util.run_case, with the first call kept out of the timings where
+    it differs from the rest: torch.compile compiles there (its seconds are
+    recorded as ``first_call_seconds``), the CPU backend warms up."""
+    first_call_seconds, warmup_rounds = None, 0 if impl == "reference" else 1
+    if impl == "compiled":
+        start = time.perf_counter()
+        fn()
+        first_call_seconds, warmup_rounds = time.perf_counter() - start, 0
+    row = run_case(benchmark, results, copy_bandwidth, impl=impl, fn=fn, warmup_rounds=warmup_rounds, **case)
+    if first_call_seconds is not None:
+        row["first_call_seconds"] = first_call_seconds
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -77,12 +74,10 @@ def record_first_call(row: dict, seconds: float | None) -> None:
 def test_merge_forward(benchmark, results, copy_bandwidth, impl, batch, n):
     inputs = make_inputs(n, batch)
     merge = merge_fn(impl)
-    compile_seconds, warmup_rounds = first_call(impl, lambda: merge(*inputs))
-    row = run_case(benchmark, results, copy_bandwidth, op="merge forward", impl=impl, fn=lambda: merge(*inputs),
+    run_merge_case(benchmark, results, copy_bandwidth, impl, lambda: merge(*inputs), op="merge forward",
                    nbytes=bytes_merge_forward(n, batch, NUM_EXPERTS, torch.float32),
                    output_bytes=batch * n * 4, n=n, batch=batch, num_experts=NUM_EXPERTS, dtype=torch.float32,
-                   rounds=rounds_for(impl, n), warmup_rounds=warmup_rounds)
-    record_first_call(row, compile_seconds)
+                   rounds=rounds_for(impl, n))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -100,10 +95,8 @@ def test_merge_forward_backward(benchmark, results, copy_bandwidth, impl, batch,
 
     # Outputs: θ [B, N] and the gradients of θ_δ, log_α and α.
     output_bytes = batch * n * 4 + n * 4 + n * NUM_EXPERTS * 4 + batch * NUM_EXPERTS * 4
-    compile_seconds, warmup_rounds = first_call(impl, step)
-    row = run_case(benchmark, results, copy_bandwidth, op="merge forward+backward", impl=impl, fn=step,
+    run_merge_case(benchmark, results, copy_bandwidth, impl, step, op="merge forward+backward",
                    nbytes=bytes_merge_forward(n, batch, NUM_EXPERTS, torch.float32)
                    + bytes_merge_backward(n, batch, NUM_EXPERTS, torch.float32),
                    output_bytes=output_bytes, n=n, batch=batch, num_experts=NUM_EXPERTS, dtype=torch.float32,
-                   rounds=rounds_for(impl, n), warmup_rounds=warmup_rounds)
-    record_first_call(row, compile_seconds)
+                   rounds=rounds_for(impl, n))
