@@ -3,6 +3,9 @@ naming the argument and the fix, never a crash inside a kernel."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 THETA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -13,6 +16,8 @@ MAX_KEY = 2**63
 def check_tensor(name: str, value, *, dims: int, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor, got layout {value.layout}; call {name}.to_dense() first")
     if value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     if value.dtype not in dtypes:
@@ -58,6 +63,12 @@ def check_log_alpha(log_alpha: torch.Tensor, n: int | None = None) -> tuple[int,
     return rows, num_experts
 
 
+def check_density_rows(rows: int) -> None:
+    if rows == 0:
+        raise ValueError("log_alpha has no rows (N = 0): the density of an expert over no elements is undefined; "
+                         "give at least one element")
+
+
 def check_alpha(alpha: torch.Tensor, num_experts: int) -> int:
     check_tensor("alpha", alpha, dims=2, dtypes=(torch.float32,))
     batch, alpha_experts = alpha.shape
@@ -78,7 +89,105 @@ def check_key(seed, offset) -> None:
 
 
 def check_hard_concrete(beta: float, gamma: float, zeta: float) -> None:
+    for name, value in (("beta", beta), ("gamma", gamma), ("zeta", zeta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
     if not beta > 0:
         raise ValueError(f"beta (the hard-concrete temperature) must be > 0, got {beta}")
     if not gamma < 0 < 1 < zeta:
         raise ValueError(f"the stretch interval must satisfy gamma < 0 < 1 < zeta, got gamma={gamma}, zeta={zeta}")
+
+
+# --------------------------------------------------------------------------
+# Packed experts: every field is checked before a pointer reaches a kernel,
+# which trusts the offsets and the bitmap to stay inside the packed buffers.
+# --------------------------------------------------------------------------
+
+PACKED_FIX = "re-create it with smat_kernels.pack, or load it with PackedExperts.load / from_state_dict"
+
+
+def check_count(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PackedExperts.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"PackedExperts.{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def check_packed_tensor(name: str, value, dtypes: tuple[torch.dtype, ...], length: int | None) -> torch.Tensor:
+    check_tensor(f"PackedExperts.{name}", value, dims=1, dtypes=dtypes)
+    if length is not None and value.shape[0] != length:
+        raise ValueError(f"PackedExperts.{name} has {value.shape[0]} entries but must have {length}: "
+                         f"the packed experts are inconsistent; {PACKED_FIX}")
+    return value
+
+
+def check_packed_structure(packed) -> None:
+    """Types, dtypes, shapes, contiguity and device of every field: metadata
+    only, no data is read (cheap, and runs at construction)."""
+    from .packed import bitmap_words, expert_bits_dtype
+
+    n = check_count("n", packed.n, minimum=0)
+    num_experts = check_count("num_experts", packed.num_experts, minimum=1)
+    check_num_experts(num_experts, "PackedExperts")
+    check_count("rounded", packed.rounded, minimum=0)
+    words = bitmap_words(n)
+    check_packed_tensor("support_bitmap", packed.support_bitmap, (torch.int32,), words)
+    check_packed_tensor("word_offsets", packed.word_offsets, (torch.int64,), words + 1)
+    check_packed_tensor("delta", packed.delta, THETA_DTYPES, None)
+    check_packed_tensor("expert_bits", packed.expert_bits, (expert_bits_dtype(num_experts),), packed.delta.shape[0])
+    check_same_device(delta=packed.delta, support_bitmap=packed.support_bitmap, word_offsets=packed.word_offsets,
+                      expert_bits=packed.expert_bits)
+
+
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word, as int64 (SWAR; torch has no popcount)."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def check_packed_contents(packed) -> None:
+    """The offsets and counts agree with the bitmap: word_offsets[0] = 0, each
+    word's offset step is its popcount, the last offset is the support size,
+    no bit is set past element N, and no expert bit past M. Reads the data
+    (one host synchronisation on a GPU); skipped for meta tensors, which hold
+    none."""
+    if packed.delta.device.type == "meta":
+        return
+    bitmap, offsets, bits = packed.support_bitmap, packed.word_offsets, packed.expert_bits
+    tail_lanes = packed.n % 32
+    padding = (bitmap[-1:].to(torch.int64) & 0xFFFFFFFF) >> tail_lanes if tail_lanes else bitmap.new_zeros(0)
+    unsigned_bits = bits.to(torch.int64) & ((1 << (8 * bits.element_size())) - 1)
+    facts = torch.stack([
+        offsets[0] != 0,
+        (padding != 0).any(),
+        (offsets[1:] - offsets[:-1] != popcount32(bitmap)).any(),
+        offsets[-1] != packed.delta.shape[0],
+        (unsigned_bits >> packed.num_experts != 0).any(),
+    ]).tolist()
+    problems = (
+        f"word_offsets[0] must be 0, got {int(offsets[0])}",
+        f"support_bitmap has bits set past element N = {packed.n}",
+        "word_offsets do not match the bitmap: each step must be the number of set bits of its bitmap word",
+        f"word_offsets end at {int(offsets[-1])} but delta holds {packed.delta.shape[0]} support elements",
+        f"expert_bits has bits set for experts ≥ M = {packed.num_experts}",
+    )
+    for failed, problem in zip(facts, problems):
+        if failed:
+            raise ValueError(f"invalid PackedExperts: {problem}; {PACKED_FIX}")
+
+
+def check_packed(packed) -> None:
+    """Everything a packed merge relies on, re-checked at each call because
+    the tensors may have been changed in place since construction."""
+    from .packed import PackedExperts
+
+    if not isinstance(packed, PackedExperts):
+        raise TypeError(f"packed must be a PackedExperts from smat_kernels.pack, got {type(packed).__name__}")
+    check_packed_structure(packed)
+    check_packed_contents(packed)

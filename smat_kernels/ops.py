@@ -170,8 +170,11 @@ def expected_density(log_alpha: Tensor, *, beta: float = reference.BETA, gamma: 
     Returns:
         fp32 [M], differentiable with respect to log_alpha. One minus it is
         the expected sparsity that SMAT's Lagrangian constrains to ≥ τ.
+    Raises:
+        ValueError for N = 0: a mean over no elements is undefined.
     """
-    check.check_log_alpha(log_alpha)
+    rows, _ = check.check_log_alpha(log_alpha)
+    check.check_density_rows(rows)
     check.check_hard_concrete(beta, gamma, zeta)
     chosen = dispatch.resolve(log_alpha.device, backend).name
     return _expected_density(log_alpha, float(beta), float(gamma), float(zeta), chosen)
@@ -195,8 +198,11 @@ def hard_density(log_alpha: Tensor, *, gamma: float = reference.GAMMA, zeta: flo
         log_alpha: fp32 [N, M] mask logits.
     Returns:
         fp32 [M] (not differentiable): the achieved density of each expert.
+    Raises:
+        ValueError for N = 0: a mean over no elements is undefined.
     """
-    check.check_log_alpha(log_alpha)
+    rows, _ = check.check_log_alpha(log_alpha)
+    check.check_density_rows(rows)
     check.check_hard_concrete(reference.BETA, gamma, zeta)
     chosen = dispatch.resolve(log_alpha.device, backend).name
     return _hard_density(log_alpha.detach(), float(gamma), float(zeta), chosen)
@@ -271,8 +277,7 @@ def packed_merge(theta_pre: Tensor, packed: PackedExperts, alpha: Tensor, *, bac
     Returns:
         [B, N] in θ's dtype (not differentiable).
     """
-    if not isinstance(packed, PackedExperts):
-        raise TypeError(f"packed must be a PackedExperts from smat_kernels.pack, got {type(packed).__name__}")
+    check.check_packed(packed)
     check.check_tensor("theta_pre", theta_pre, dims=1, dtypes=check.THETA_DTYPES)
     if theta_pre.shape[0] != packed.n:
         raise ValueError(f"theta_pre has N = {theta_pre.shape[0]} elements but the packed experts were made "

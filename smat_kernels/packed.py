@@ -14,15 +14,25 @@ element are M bits. ``PackedExperts`` keeps
 ``rounded`` counts the mask entries that were not already exactly 0 or 1 and
 were rounded by the pack step; the packed merge equals the dense
 deterministic merge exactly when it is 0.
+
+The kernels trust the offsets to stay inside the packed buffers, so nothing
+reaches them unchecked: construction checks every field's type, dtype, shape,
+contiguity and device; ``from_state_dict``, ``load`` and every packed merge
+also check that the offsets and counts agree with the bitmap. A bad field is
+a ``TypeError`` or ``ValueError`` naming it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from . import _validation as check
+
 BITMAP_WORD_BITS = 32
+STATE_KEYS = ("support_bitmap", "word_offsets", "expert_bits", "delta", "shape")
 
 
 def expert_bits_dtype(num_experts: int) -> torch.dtype:
@@ -47,6 +57,9 @@ class PackedExperts:
     expert_bits: torch.Tensor
     delta: torch.Tensor
     rounded: int
+
+    def __post_init__(self):
+        check.check_packed_structure(self)
 
     @property
     def support_size(self) -> int:
@@ -85,8 +98,20 @@ class PackedExperts:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PackedExperts:
-        n, num_experts, rounded = (int(v) for v in state["shape"].tolist())
-        return cls(
+        """The inverse of :meth:`state_dict`, checked field by field (a
+        ``ValueError`` or ``TypeError`` for a damaged or foreign state)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a PackedExperts state must be a dict of tensors, got {type(state).__name__}")
+        missing = sorted(set(STATE_KEYS) - set(state))
+        if missing:
+            raise ValueError(f"not a PackedExperts state: {', '.join(missing)} missing (it holds "
+                             f"{', '.join(sorted(map(str, state))) or 'nothing'}); {check.PACKED_FIX}")
+        shape = check.check_tensor("PackedExperts state 'shape'", state["shape"], dims=1, dtypes=(torch.int64,))
+        if shape.shape != (3,) or shape.device.type == "meta":
+            raise ValueError(f"PackedExperts state 'shape' must hold [n, num_experts, rounded], got "
+                             f"{tuple(shape.shape)} on {shape.device}; {check.PACKED_FIX}")
+        n, num_experts, rounded = (int(v) for v in shape.tolist())
+        packed = cls(
             n=n,
             num_experts=num_experts,
             support_bitmap=state["support_bitmap"],
@@ -95,3 +120,26 @@ class PackedExperts:
             delta=state["delta"],
             rounded=rounded,
         )
+        check.check_packed_contents(packed)
+        return packed
+
+    def save(self, path: str | Path) -> None:
+        """Write the packed experts to a safetensors file."""
+        from safetensors.torch import save_file
+
+        save_file({name: tensor.contiguous().cpu() for name, tensor in self.state_dict().items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> PackedExperts:
+        """Read a file written by :meth:`save`, checked as by
+        :meth:`from_state_dict`; a damaged file is a ``ValueError``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=str(device))
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not a readable packed-experts file ({error}); it may be truncated or "
+                             f"damaged: write it again with PackedExperts.save") from None
+        return cls.from_state_dict(state)
+

@@ -189,3 +189,113 @@ def test_missing_compiled_module_warns_once_and_falls_back():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr
+
+
+@pytest.mark.parametrize("op", ("expected_density", "hard_density"))
+@pytest.mark.parametrize("backend", ("cpu", "reference"))
+def test_density_of_no_elements_is_an_error_not_nan(op, backend):
+    """A mean over N = 0 elements is undefined (it was NaN): an empty log_α is
+    an error naming the fix, on every backend."""
+    with pytest.raises(ValueError, match=r"log_alpha has no rows \(N = 0\)"):
+        getattr(smat_kernels, op)(torch.zeros(0, 3), backend=backend)
+
+
+# --------------------------------------------------------------------------
+# PackedExperts: every field is checked before a kernel sees a pointer
+# --------------------------------------------------------------------------
+
+
+def test_forged_packed_shape_is_an_error_not_a_segfault():
+    """The issue's reproduction: a state whose N is forged to 10^7 over a
+    1000-element bitmap ended in signal 11 inside the CPU kernel."""
+    script = textwrap.dedent("""
+        import torch, smat_kernels as sk
+        p = sk.pack(torch.randn(1000), torch.randn(1000, 8))
+        sd = p.state_dict()
+        sd["shape"] = torch.tensor([10**7, 8, 0])
+        try:
+            q = sk.PackedExperts.from_state_dict(sd)
+            sk.packed_merge(torch.randn(10**7), q, torch.softmax(torch.randn(2, 8), 1))
+        except ValueError as error:
+            print("ValueError:", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit code {result.returncode}: {result.stderr[-2000:]}"
+    assert "ValueError: PackedExperts.support_bitmap has 32 entries but must have 312500" in result.stdout
+
+
+def valid_packed_state() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    log_alpha = torch.where(torch.rand(100, 3, generator=generator) < 0.3, 6.0, -6.0)
+    return smat_kernels.pack(torch.randn(100, generator=generator), log_alpha).state_dict()
+
+
+def changed(state: dict, key: str, change) -> dict:
+    state = {name: value.clone() for name, value in state.items()}
+    state[key] = change(state[key])
+    return state
+
+
+def add_to_middle(value: torch.Tensor, amount: int) -> torch.Tensor:
+    value[len(value) // 2] += amount
+    return value
+
+
+PACKED_MISUSE = [
+    ("float bitmap", "support_bitmap", lambda t: t.float(), TypeError, "support_bitmap must have dtype int32"),
+    ("strided delta", "delta", lambda t: torch.stack([t, t], 1)[:, 0], ValueError, "delta must be contiguous"),
+    ("int32 offsets", "word_offsets", lambda t: t.int(), TypeError, "word_offsets must have dtype int64"),
+    ("short offsets", "word_offsets", lambda t: t[:-1], ValueError, "word_offsets has 4 entries but must have 5"),
+    ("offset moved", "word_offsets", lambda t: add_to_middle(t, 1), ValueError, "word_offsets do not match the bitmap"),
+    ("offset far out", "word_offsets", lambda t: add_to_middle(t, 10**12), ValueError, "do not match the bitmap"),
+    ("first offset", "word_offsets", lambda t: t + 1, ValueError, "word_offsets[0] must be 0"),
+    ("bit cleared", "support_bitmap", lambda t: t & ~t[:1], ValueError, "do not match the bitmap"),
+    ("padding bit", "support_bitmap", lambda t: t | torch.tensor([0, 0, 0, 1 << 20], dtype=torch.int32), ValueError,
+     "bits set past element N = 100"),
+    ("bits past M", "expert_bits", lambda t: t | 8, ValueError, "experts ≥ M = 3"),
+    ("int16 bits for M = 3", "expert_bits", lambda t: t.to(torch.int16), TypeError,
+     "expert_bits must have dtype uint8"),
+    ("delta shorter", "delta", lambda t: t[1:], ValueError, "expert_bits has"),
+    ("delta float64", "delta", lambda t: t.double(), TypeError, "delta must have dtype"),
+    ("delta 2-D", "delta", lambda t: t[:, None], ValueError, "delta must be 1-D"),
+    ("bitmap on meta", "support_bitmap", lambda t: t.to("meta"), ValueError, "support_bitmap is on meta"),
+    ("sparse delta", "delta", lambda t: t.to_sparse(), ValueError, "dense tensor"),
+    ("N forged", "shape", lambda t: t + torch.tensor([32, 0, 0]), ValueError, "has 4 entries but must have 5"),
+    ("M = 33", "shape", lambda t: t + torch.tensor([0, 30, 0]), ValueError, "M = 33"),
+    ("negative rounded", "shape", lambda t: t - torch.tensor([0, 0, 1]), ValueError, "rounded must be ≥ 0"),
+    ("float shape", "shape", lambda t: t.float(), TypeError, "'shape' must have dtype int64"),
+]
+
+
+@pytest.mark.parametrize(("what", "key", "change", "error", "words"), PACKED_MISUSE, ids=[m[0] for m in PACKED_MISUSE])
+def test_packed_state_misuse(what, key, change, error, words):
+    with pytest.raises(error) as raised:
+        smat_kernels.PackedExperts.from_state_dict(changed(valid_packed_state(), key, change))
+    assert words in str(raised.value)
+
+
+def test_packed_state_missing_entry():
+    state = valid_packed_state()
+    del state["word_offsets"]
+    with pytest.raises(ValueError, match="word_offsets missing"):
+        smat_kernels.PackedExperts.from_state_dict(state)
+
+
+def test_packed_changed_in_place_is_caught_at_the_merge():
+    packed = smat_kernels.PackedExperts.from_state_dict(valid_packed_state())
+    packed.word_offsets[2] += 10**9
+    with pytest.raises(ValueError, match="word_offsets do not match the bitmap"):
+        smat_kernels.packed_merge(torch.zeros(100), packed, torch.ones(1, 3), backend="cpu")
+
+
+def test_packed_file_round_trip_and_damage(tmp_path):
+    packed = smat_kernels.PackedExperts.from_state_dict(valid_packed_state())
+    path = tmp_path / "experts.safetensors"
+    packed.save(path)
+    loaded = smat_kernels.PackedExperts.load(path)
+    alpha = torch.softmax(torch.randn(2, 3), 1)
+    assert torch.equal(smat_kernels.packed_merge(torch.zeros(100), loaded, alpha),
+                       smat_kernels.packed_merge(torch.zeros(100), packed, alpha))
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="experts.safetensors is not a readable packed-experts file"):
+        smat_kernels.PackedExperts.load(path)
