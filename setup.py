@@ -16,6 +16,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -74,17 +75,76 @@ CPU_FLAGS = [
     f"-march={os.environ.get('SMAT_CPU_ARCH', 'native')}",
 ]
 
+NVCC_FLAGS = [
+    "-O3",
+    "-std=c++17",
+    "--expt-relaxed-constexpr",
+    "--fmad=false",  # a·b + c rounds twice, as in the reference and the CPU build
+]
+
+
+def cuda_archs() -> list[str]:
+    return [a for a in os.environ.get("SMAT_CUDA_ARCHS", "90").split(";") if a]
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """SASS for every arch, and PTX of the last one for newer GPUs to JIT-compile."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    return flags
+
+
+def first_output_line(command: list[str], pattern: str = "") -> str:
+    """The first line of `command`'s output that contains `pattern`, stripped;
+    "unknown" if it cannot be run."""
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return next((line.strip() for line in output.splitlines() if pattern in line and line.strip()), "unknown")
+
+
+def c_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=True)  # a valid C string literal for ASCII text
+
 
 class BuildWithCuda(build_ext):
     """build_ext that compiles .cu files with nvcc and builds in parallel."""
 
     def build_extensions(self):
+        for ext in self.extensions:
+            self.write_build_info(ext)
         jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
         if jobs > 1 and len(self.extensions) > 1:
             with ThreadPoolExecutor(jobs) as pool:
                 list(pool.map(self.build_extension, self.extensions))
         else:
             super().build_extensions()
+
+    def write_build_info(self, ext):
+        """smat_build_info.h for `ext`: its compiler, flags and target, which
+        the module exposes as `build_info` (python -m smat_kernels.check)."""
+        home = getattr(ext, "cuda_home", None)
+        if home is not None:
+            archs = cuda_archs()
+            compiler = f"nvcc {first_output_line([str(home / 'bin' / 'nvcc'), '--version'], 'release')}"
+            flags = NVCC_FLAGS + gencode_flags(archs)
+            target = " ".join(f"sm_{a}" for a in archs) + f" (+ PTX compute_{archs[-1]})"
+        else:
+            executable = self.compiler.compiler_so[0]
+            compiler = f"{executable} ({first_output_line([executable, '--version'])})"
+            flags = CPU_FLAGS
+            march = next(flag for flag in CPU_FLAGS if flag.startswith("-march="))
+            resolved = first_output_line([executable, march, "-Q", "--help=target"], "-march=").split()
+            target = f"{march} (resolved: {resolved[-1] if resolved else 'unknown'})"
+        folder = Path(self.build_temp) / "build_info" / ext.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "smat_build_info.h").write_text(
+            "// Written by setup.py; see csrc/*/bindings.cpp.\n#pragma once\n"
+            f"#define SMAT_BUILD_COMPILER {c_string(compiler)}\n"
+            f"#define SMAT_BUILD_FLAGS {c_string(' '.join(flags))}\n"
+            f"#define SMAT_BUILD_TARGET {c_string(target)}\n")
+        ext.include_dirs.append(str(folder))
 
     def build_extension(self, ext):
         if getattr(ext, "cuda_home", None) is not None:
@@ -97,22 +157,19 @@ class BuildWithCuda(build_ext):
         nvcc = str(home / "bin" / "nvcc")
         build_dir = Path(self.build_temp) / "cuda"
         build_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("SMAT_CUDA_ARCHS", "90").split(";")
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        gencode = gencode_flags(cuda_archs())
         import sysconfig
 
         import pybind11
 
         includes = [f"-I{INCLUDE}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-                    f"-I{home / 'include'}"]
+                    f"-I{home / 'include'}", *(f"-I{folder}" for folder in ext.include_dirs)]
 
         def compile_one(source: str) -> str:
             obj = str(build_dir / (Path(source).name + ".o"))
             if source.endswith(".cu"):
-                cmd = [nvcc, "-c", source, "-o", obj, "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                       "--fmad=false",  # a·b + c rounds twice, as in the reference and the CPU build
-                       "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden", *gencode, *includes]
+                cmd = [nvcc, "-c", source, "-o", obj, *NVCC_FLAGS, "-Xcompiler", "-fPIC", "-Xcompiler",
+                       "-fvisibility=hidden", *gencode, *includes]
             else:
                 cmd = [self.compiler.compiler_so[0], "-c", source, "-o", obj, "-O3", "-std=c++17", "-fPIC",
                        "-fvisibility=hidden", *includes]

@@ -8,6 +8,16 @@
 #include "merge.h"
 #include "pack.h"
 
+// Written by setup.py into the build folder: the compiler and flags of this
+// build. A build by other means reports them as unknown.
+#if __has_include("smat_build_info.h")
+#include "smat_build_info.h"
+#else
+#define SMAT_BUILD_COMPILER "unknown"
+#define SMAT_BUILD_FLAGS "unknown"
+#define SMAT_BUILD_TARGET "unknown"
+#endif
+
 namespace py = pybind11;
 
 namespace {
@@ -24,10 +34,29 @@ smat::cpu::MergeArgs merge_args(uintptr_t log_alpha, uintptr_t alpha, int64_t ba
                               dtype, mode, seed, offset, beta, gamma, zeta};
 }
 
+const char* vector_instructions() {
+#if defined(__AVX512F__)
+  return "AVX-512";
+#elif defined(__AVX2__)
+  return "AVX2";
+#else
+  return "portable (no AVX2/AVX-512)";
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, module) {
   module.doc() = "SMAT CPU kernels (OpenMP). Called by smat_kernels; not a public API.";
+
+  py::dict build_info;
+  build_info["compiler"] = SMAT_BUILD_COMPILER;
+  build_info["compiler_version"] = __VERSION__;
+  build_info["flags"] = SMAT_BUILD_FLAGS;
+  build_info["target"] = SMAT_BUILD_TARGET;
+  build_info["vector_instructions"] = vector_instructions();
+  build_info["openmp"] = _OPENMP;
+  module.attr("build_info") = build_info;
 
   module.def("set_num_threads", [](int threads) { omp_set_num_threads(threads); });
   module.def("get_num_threads", []() { return omp_get_max_threads(); });
@@ -55,6 +84,12 @@ PYBIND11_MODULE(_cpu, module) {
             as_pointer<const void>(grad_out), as_pointer<const void>(delta), as_pointer<void>(grad_pre),
             as_pointer<void>(grad_delta), as_pointer<float>(grad_log_alpha), as_pointer<float>(grad_alpha));
       });
+
+  module.def("uniforms", [](uintptr_t out, uint64_t seed, uint64_t offset, int64_t batch, int64_t n,
+                            int64_t num_experts) {
+    py::gil_scoped_release release;
+    smat::cpu::uniforms(as_pointer<float>(out), seed, offset, batch, n, num_experts);
+  });
 
   module.def("expected_density", [](uintptr_t out, uintptr_t log_alpha, int64_t n, int64_t num_experts, float beta,
                                     float gamma, float zeta) {

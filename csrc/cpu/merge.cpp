@@ -241,6 +241,31 @@ void dispatch_mode(const MergeArgs& args, Fn&& fn) {
 
 }  // namespace
 
+void uniforms(float* out, uint64_t seed, uint64_t offset, int64_t batch, int64_t n, int64_t num_experts) {
+  const int64_t groups = philox_groups(num_experts);
+  const int64_t tiles = (n + kLanes - 1) / kLanes;
+  // The merge kernels' own path, tile by tile: draw_group (AVX-512 where
+  // built) and uint32_to_uniform, so that the self-test checks what they draw.
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t task = 0; task < batch; ++task) {
+    for (int64_t tile_index = 0; tile_index < tiles; ++tile_index) {
+      const int64_t start = tile_index * kLanes;
+      const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - start));
+      uint32_t words[kWordsPerPhiloxCall][kLanes];
+      for (int64_t group = 0; group < groups; ++group) {
+        draw_group(words, seed, philox_counter(offset, task, start, group, n, groups), groups);
+        for (int word = 0; word < kWordsPerPhiloxCall; ++word) {
+          const int64_t m = group * kWordsPerPhiloxCall + word;
+          if (m >= num_experts) break;
+          for (int lane = 0; lane < lanes; ++lane) {
+            out[(task * n + start + lane) * num_experts + m] = uint32_to_uniform(words[word][lane]);
+          }
+        }
+      }
+    }
+  }
+}
+
 void merge_forward(const MergeArgs& args, void* out, const void* theta_pre, const void* delta) {
   dispatch_theta_dtype(args.dtype, [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;

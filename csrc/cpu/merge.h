@@ -17,4 +17,8 @@ void merge_forward(const MergeArgs& args, void* out, const void* theta_pre, cons
 void merge_backward(const MergeArgs& args, const void* grad_out, const void* delta, void* grad_pre, void* grad_delta,
                     float* grad_log_alpha, float* grad_alpha);
 
+// The uniforms u of one sampled merge, fp32 [B, N, M], drawn exactly as the
+// merge kernels draw them (for the self-test's bit-identity check).
+void uniforms(float* out, uint64_t seed, uint64_t offset, int64_t batch, int64_t n, int64_t num_experts);
+
 }  // namespace smat::cpu

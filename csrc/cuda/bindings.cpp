@@ -9,6 +9,17 @@
 #include "density.h"
 #include "merge.h"
 #include "pack.h"
+#include "runtime_info.h"
+
+// Written by setup.py into the build folder: nvcc, its flags and the SM
+// architectures of this build. A build by other means reports them as unknown.
+#if __has_include("smat_build_info.h")
+#include "smat_build_info.h"
+#else
+#define SMAT_BUILD_COMPILER "unknown"
+#define SMAT_BUILD_FLAGS "unknown"
+#define SMAT_BUILD_TARGET "unknown"
+#endif
 
 namespace py = pybind11;
 
@@ -41,6 +52,17 @@ smat::cuda::MergeArgs merge_args(uintptr_t log_alpha, uintptr_t alpha, int64_t b
 
 PYBIND11_MODULE(_cuda, module) {
   module.doc() = "SMAT CUDA kernels. Called by smat_kernels; not a public API.";
+
+  py::dict build_info;
+  build_info["compiler"] = SMAT_BUILD_COMPILER;
+  build_info["flags"] = SMAT_BUILD_FLAGS;
+  build_info["target"] = SMAT_BUILD_TARGET;
+  build_info["host_compiler_version"] = __VERSION__;
+  module.attr("build_info") = build_info;
+  module.def("runtime_version", &smat::cuda::runtime_version,
+             "CUDA runtime version linked into this module (1000·major + 10·minor).");
+  module.def("driver_version", &smat::cuda::driver_version,
+             "Installed CUDA driver version (1000·major + 10·minor), 0 without a driver.");
 
   module.def(
       "merge_forward",
