@@ -15,6 +15,9 @@ BITS_DTYPE_CODES = {torch.uint8: 0, torch.int16: 1, torch.int32: 2}
 
 class Backend:
     name = "abstract"
+    # Compiled backends prove themselves on the machine before their first
+    # call (smat_kernels.selftest); the reference is the oracle they are held to.
+    self_tested = True
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run here, else why not."""
@@ -26,6 +29,12 @@ class Backend:
 
     def merge(self, theta_pre, delta, log_alpha, alpha, mode: int, seed: int, offset: int,
               beta: float, gamma: float, zeta: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def uniforms(self, seed: int, offset: int, batch: int, n: int, num_experts: int,
+                 device: torch.device) -> torch.Tensor:
+        """The mask uniforms of one sampled merge, fp32 [B, N, M], drawn by the
+        backend's own Philox path (bit-identical to reference.uniforms)."""
         raise NotImplementedError
 
     def merge_backward(self, grad, theta_pre, delta, log_alpha, alpha, mode: int, seed: int, offset: int,

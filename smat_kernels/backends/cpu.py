@@ -43,6 +43,12 @@ class CpuBackend(Backend):
                            mode, seed, offset, beta, gamma, zeta)
         return out
 
+    def uniforms(self, seed, offset, batch, n, num_experts, device):
+        out = torch.empty(batch, n, num_experts, dtype=torch.float32)
+        _threads()
+        _cpu.uniforms(out.data_ptr(), seed, offset, batch, n, num_experts)
+        return out
+
     def merge_backward(self, grad, theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta, gamma, zeta, needs):
         batch, num_experts = alpha.shape
         n = theta_pre.shape[0]

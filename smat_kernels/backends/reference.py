@@ -9,6 +9,10 @@ from .base import Backend
 
 class ReferenceBackend(Backend):
     name = "reference"
+    self_tested = False
+
+    def uniforms(self, seed, offset, batch, n, num_experts, device):
+        return reference.uniforms(seed, offset, batch, n, num_experts, device)
 
     def merge(self, theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta, gamma, zeta):
         return reference.merge(theta_pre, delta, log_alpha, alpha, reference.MODES[mode], seed, offset,

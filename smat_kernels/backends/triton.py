@@ -45,6 +45,9 @@ class TritonBackend(Backend):
     def merge(self, theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta, gamma, zeta):
         return _kernels()[1].merge(theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta, gamma, zeta)
 
+    def uniforms(self, seed, offset, batch, n, num_experts, device):
+        return _kernels()[1].uniforms(seed, offset, batch, n, num_experts, device)
+
     def merge_backward(self, grad, theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta, gamma, zeta, needs):
         return _kernels()[1].merge_backward(grad, theta_pre, delta, log_alpha, alpha, mode, seed, offset, beta,
                                             gamma, zeta, needs)

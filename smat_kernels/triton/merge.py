@@ -26,6 +26,7 @@ from . import INTERPRET, autotune_configs, next_power_of_2, reduction_programs
 # Mode codes (reference.MODES): deterministic, sample, near_noiseless.
 # Globals read inside kernels must be tl.constexpr.
 DETERMINISTIC = tl.constexpr(0)
+SAMPLE = tl.constexpr(1)
 NEAR_NOISELESS = tl.constexpr(2)
 NEAR_NOISELESS_LOW = tl.constexpr(0.5 - 1e-6)
 NEAR_NOISELESS_WIDTH = tl.constexpr(2e-6)
@@ -255,6 +256,29 @@ def merge_backward_kernel(grad_ptr, delta_ptr, log_alpha_ptr, alpha_ptr, grad_th
 
 
 # --------------------------------------------------------------------------
+# Uniforms (the self-test's bit-identity check)
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def uniforms_kernel(out_ptr, seed, offset, total, NUM_EXPERTS: tl.constexpr, GROUPS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """out fp32 [B, N, M]: the uniforms of one sampled merge, through the
+    merge kernels' own _philox_words and tl.rand conversion. Program p
+    draws the BLOCK counters p·BLOCK … of the B·N·G in the call."""
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = index < total
+    word0, word1, word2, word3 = _philox_words(seed, offset + index, SAMPLE)
+    row = index // GROUPS
+    first_expert = (index % GROUPS) * WORDS_PER_PHILOX_CALL
+    for word_index in tl.static_range(4):
+        word = _select_word(word0, word1, word2, word3, word_index)
+        expert = first_expert + word_index
+        tl.store(out_ptr + row * NUM_EXPERTS + expert, tl.random.uint_to_uniform_float(word),
+                 mask=valid & (expert < NUM_EXPERTS))
+
+
+# --------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------
 
@@ -310,3 +334,17 @@ def merge_backward(grad: torch.Tensor, theta_pre: torch.Tensor, delta: torch.Ten
         **_settings(mode, beta, gamma, zeta))
     grad_alpha = alpha_partials.sum(dim=0) if needs[3] else None
     return (*outputs, grad_alpha)
+
+
+UNIFORMS_BLOCK = 256
+
+
+def uniforms(seed: int, offset: int, batch: int, n: int, num_experts: int, device: torch.device) -> torch.Tensor:
+    """Launch :func:`uniforms_kernel`: fp32 [B, N, M]."""
+    groups = triton.cdiv(num_experts, WORDS_PER_PHILOX_CALL.value)
+    out = torch.empty(batch, n, num_experts, dtype=torch.float32, device=device)
+    total = batch * n * groups
+    if total:
+        uniforms_kernel[(triton.cdiv(total, UNIFORMS_BLOCK),)](out, seed, offset, total, NUM_EXPERTS=num_experts,
+                                                              GROUPS=groups, BLOCK=UNIFORMS_BLOCK)
+    return out
