@@ -124,7 +124,7 @@ def test_packed_merge_misuse():
 def test_backends_reports_every_backend_with_a_reason():
     report = smat_kernels.backends()
     assert set(report) == {"reference", "cpu", "cuda", "triton"}
-    assert report["reference"] == "available" and report["cpu"] == "available"
+    assert report["reference"] == "available" and report["cpu"].startswith("available")
     assert all(isinstance(reason, str) and reason for reason in report.values())
 
 
