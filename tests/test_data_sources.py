@@ -10,6 +10,7 @@ from PIL import Image
 from smat.data import EpisodeDataset, EpisodeLoader, EvalTransform, ImageFolderSource, MetaDatasetH5Source
 from smat.data.h5 import H5FileCache, split_counts
 from smat.data.samplers import FixedSampler, VariableSampler
+from smat.data.source import DataError
 
 
 def write_h5_source(root, name, images_per_class, classes_per_split=(6, 2, 2), size=12):
@@ -140,12 +141,14 @@ def test_folder_with_a_corrupt_image_warns_counts_and_continues(tmp_path):
 
 
 def test_folder_class_without_enough_readable_images_raises_clearly(tmp_path):
+    """The unreadable class is excluded; with too few classes left, one DataError says what to do."""
     write_folder(tmp_path, "birds", classes=5, per_class=2)
     for name in ("0.jpg", "1.png"):
         (tmp_path / "birds" / "class1" / name).write_bytes(b"broken")
     source = ImageFolderSource(tmp_path, fractions=(1.0, 0.0, 0.0))
     dataset = EpisodeDataset(source, FixedSampler(source["birds"], "train", 5, 1, 1), EvalTransform(8))
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="too few readable images"):
+    with pytest.warns(UserWarning, match="excluding class 'class1'"), \
+            pytest.raises(DataError, match=r"only 4 classes have enough readable images.*'class1'.*fix or remove"):
         dataset[0]
 
 

@@ -14,12 +14,12 @@ from .folder import ImageFolderSource
 from .h5 import MetaDatasetH5Source
 from .loader import EpisodeDataset, EpisodeLoader
 from .samplers import FixedSampler, MultiDomainSampler, VariableSampler, make_sampler
-from .source import ArrayDomain, Domain, Source
+from .source import ArrayDomain, DataError, DataNotFoundError, Domain, Source, UnreadableImageError
 from .transforms import EvalTransform, TrainTransform, diff_augment
 
 __all__ = [
-    "BUILTIN_DOMAINS", "ID_DOMAINS", "OOD_DOMAINS", "PRETRAIN_DOMAIN", "ArrayDomain", "BuiltinSource", "Domain",
-    "EpisodeDataset", "EpisodeLoader", "EpisodeSpec", "EvalTransform", "FixedSampler", "ImageFolderSource",
-    "MetaDatasetH5Source", "MultiDomainSampler", "Source", "Task", "TrainTransform", "VariableSampler",
-    "diff_augment", "make_sampler",
+    "BUILTIN_DOMAINS", "ID_DOMAINS", "OOD_DOMAINS", "PRETRAIN_DOMAIN", "ArrayDomain", "BuiltinSource", "DataError",
+    "DataNotFoundError", "Domain", "EpisodeDataset", "EpisodeLoader", "EpisodeSpec", "EvalTransform", "FixedSampler",
+    "ImageFolderSource", "MetaDatasetH5Source", "MultiDomainSampler", "Source", "Task", "TrainTransform",
+    "UnreadableImageError", "VariableSampler", "diff_augment", "make_sampler",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .source import Domain, Source
+from .source import DataError, DataNotFoundError, Domain, Source, UnreadableImageError
 
 LAYOUT = ("<root>/<source>/dataset_spec.json and <root>/<source>/<class_id>.h5 "
           "(Meta-Dataset converted to .h5 as in PMF)")
@@ -59,7 +59,11 @@ class H5FileCache:
         while len(self._files) >= self.max_open:
             _, oldest = self._files.popitem(last=False)
             oldest.close()
-        handle = h5py.File(path, "r")
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as error:
+            raise UnreadableImageError(f"cannot open {path} ({error}); the file is truncated or damaged: "
+                                       f"convert this class to .h5 again") from None
         self._files[path] = handle
         return handle
 
@@ -96,8 +100,12 @@ class H5Domain(Domain):
     def load(self, class_index: int, item: int) -> np.ndarray:
         path = self.path(class_index)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; expected {LAYOUT}")
-        image = self.files.get(str(path))[str(item)]["image"][()]
+            raise DataNotFoundError(f"{path} is missing; expected {LAYOUT}")
+        try:
+            image = self.files.get(str(path))[str(item)]["image"][()]
+        except (KeyError, OSError) as error:
+            raise UnreadableImageError(f"{self.describe(class_index, item)} cannot be read ({error}); the file is "
+                                       f"truncated or damaged: convert this class to .h5 again") from None
         if image.dtype == np.uint8 and image.ndim == 1:
             # Some conversions store the encoded file instead of decoded pixels.
             from PIL import Image
@@ -115,36 +123,62 @@ class MetaDatasetH5Source(Source):
     def __init__(self, root, domains=None, max_open_files: int = 64):
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"Meta-Dataset .h5 root {root} does not exist; expected {LAYOUT}")
+            raise DataNotFoundError(f"Meta-Dataset .h5 root {root} does not exist; expected {LAYOUT}")
         if domains is None:
-            domains = sorted(d.name for d in root.iterdir() if (d / "dataset_spec.json").is_file())
+            try:
+                domains = sorted(d.name for d in root.iterdir() if (d / "dataset_spec.json").is_file())
+            except OSError as error:
+                raise DataError(f"cannot read the Meta-Dataset .h5 root {root} ({error.strerror or error}); "
+                                f"make it readable (chmod u+rx)") from None
             if not domains:
-                raise FileNotFoundError(f"no <source>/dataset_spec.json under {root}; expected {LAYOUT}")
+                raise DataNotFoundError(f"no <source>/dataset_spec.json under {root}; expected {LAYOUT}")
         self.files = H5FileCache(max_open_files)
         super().__init__([self._domain(root / name) for name in domains])
 
     def _domain(self, directory: Path) -> H5Domain:
         spec_path = directory / "dataset_spec.json"
         if not spec_path.is_file():
-            raise FileNotFoundError(f"{spec_path} does not exist; expected {LAYOUT}")
-        with open(spec_path) as handle:
-            spec = json.load(handle)
-        counts = split_counts(spec, spec_path)
-        total = sum(counts.values())
-        images = spec.get("images_per_class")
-        if not isinstance(images, dict):
-            raise ValueError(f"{spec_path}: missing 'images_per_class' {{class_id: count}}")
+            raise DataNotFoundError(f"{spec_path} does not exist; expected {LAYOUT}")
+        spec = read_spec(spec_path)
         try:
-            images_per_class = [int(images[str(c)]) for c in range(total)]
-        except KeyError as error:
-            raise ValueError(f"{spec_path}: 'images_per_class' has no entry for class {error}") from None
-        names = spec.get("class_names", {})
-        class_names = [str(names.get(str(c), c)) for c in range(total)]
+            counts = split_counts(spec, spec_path)
+            total = sum(counts.values())
+            images = spec.get("images_per_class")
+            if not isinstance(images, dict):
+                raise DataError(f"{spec_path}: missing 'images_per_class' {{class_id: count}}")
+            try:
+                images_per_class = [int(images[str(c)]) for c in range(total)]
+            except KeyError as error:
+                raise DataError(f"{spec_path}: 'images_per_class' has no entry for class {error}") from None
+            names = spec.get("class_names", {})
+            class_names = [str(names.get(str(c), c)) for c in range(total)]
+        except (AttributeError, TypeError, ValueError) as error:
+            if isinstance(error, DataError):
+                raise
+            raise DataError(f"{spec_path} is not a valid Meta-Dataset dataset_spec.json ({error}); write it "
+                            f"again with Meta-Dataset's conversion") from None
+        missing = [str(directory / f"{c}.h5") for c in range(total) if not (directory / f"{c}.h5").is_file()]
+        if missing:
+            raise DataNotFoundError(f"{len(missing)} of the {total} class files that {spec_path} lists are missing: "
+                                    f"{', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}; convert those "
+                                    f"classes to .h5 again; expected {LAYOUT}")
         splits, start = {}, 0
         for key in SPEC_SPLITS:
             splits[SPEC_SPLITS[key]] = list(range(start, start + counts[key]))
             start += counts[key]
         return H5Domain(directory.name, directory, class_names, images_per_class, splits, self.files)
+
+
+def read_spec(spec_path: Path) -> dict:
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read {spec_path} ({error}); it must be the JSON dataset_spec.json written by "
+                        f"Meta-Dataset's conversion") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{spec_path} holds a JSON {type(spec).__name__}, not the object dataset_spec.json "
+                        f"written by Meta-Dataset's conversion")
+    return spec
 
 
 def split_counts(spec: dict, spec_path) -> dict[str, int]:
@@ -166,5 +200,5 @@ def split_counts(spec: dict, spec_path) -> dict[str, int]:
         graphs = spec["split_subgraphs"]
         return {key: sum(1 for node in graphs.get(key, graphs.get(f"Split.{key}", []))
                          if not node.get("children_ids")) for key in SPEC_SPLITS}
-    raise ValueError(f"{spec_path}: expected 'classes_per_split' (or 'superclasses_per_split' + "
+    raise DataError(f"{spec_path}: expected 'classes_per_split' (or 'superclasses_per_split' + "
                      f"'classes_per_superclass', or 'split_subgraphs') as written by Meta-Dataset")

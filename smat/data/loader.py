@@ -4,21 +4,40 @@ Episode ``i`` of an :class:`EpisodeDataset` is drawn from
 ``numpy.random.default_rng([seed, i])``: the same seed and index give the
 same task in any process, with any number of workers, in any order. A fixed
 validation set is just a dataset with its own seed and a fixed length.
+
+An unreadable image (damaged, or over the pixel limit) is replaced by an
+unused image of its class, with a warning, and counted. A class without
+enough readable images for an episode is excluded from it with a warning and
+the episode is drawn again from ``[seed, index, attempt]``: still a function
+of the seed, the index and the data only.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import Counter
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .episode import EpisodeSpec, Task, labels_for
+from .source import UnreadableImageError
 
-# Errors a broken image file can raise from PIL, h5py or numpy decoding.
-UNREADABLE = (OSError, ValueError, KeyError, IndexError, SyntaxError, EOFError)
+# Errors a broken image file can raise from PIL, h5py or numpy decoding
+# (UnreadableImageError is a ValueError; it is named for the reader).
+UNREADABLE = (OSError, ValueError, KeyError, IndexError, SyntaxError, EOFError, UnreadableImageError,
+              Image.DecompressionBombError)
+
+
+class UnusableClass(Exception):
+    """A class of an episode has too few readable images for it."""
+
+    def __init__(self, class_index: int):
+        super().__init__(class_index)
+        self.class_index = class_index
 
 
 class EpisodeDataset(Dataset):
@@ -47,10 +66,19 @@ class EpisodeDataset(Dataset):
         return np.random.default_rng([self.seed, int(index)])
 
     def __getitem__(self, index: int) -> Task:
-        rng = self._rng(index)
-        spec = self.sampler.sample(rng)
+        excluded: set[tuple[str, int]] = set()
+        skipped: list[str] = []  # over all attempts, so that the loader counts every unreadable image
+        for attempt in itertools.count():
+            rng = self._rng(index) if attempt == 0 else np.random.default_rng([self.seed, int(index), attempt])
+            spec = self.sampler.sample(rng, frozenset(excluded)) if excluded else self.sampler.sample(rng)
+            try:
+                return self._build(spec, rng, skipped)
+            except UnusableClass as unusable:
+                # Each attempt excludes one more class: the sampler raises once too few are left.
+                excluded.add((spec.domain, unusable.class_index))
+
+    def _build(self, spec: EpisodeSpec, rng: np.random.Generator, skipped: list[str]) -> Task:
         domain = self.source[spec.domain]
-        skipped: list[str] = []
         used = {c: set(s) | set(q) for c, s, q in zip(spec.classes, spec.support, spec.query, strict=True)}
         support = [self._load_class(domain, c, items, used[c], rng, skipped)
                    for c, items in zip(spec.classes, spec.support, strict=True)]
@@ -85,13 +113,20 @@ class EpisodeDataset(Dataset):
                         spare = [i for i in rng.permutation(domain.num_items(class_index)).tolist()
                                  if i not in used]
                     if not spare:
-                        raise RuntimeError(
-                            f"class {domain.class_names[class_index]!r} of domain {domain.name!r} has "
-                            f"too few readable images for this episode; remove the broken files "
-                            f"listed in the warnings") from error
+                        self._warn_excluded(domain, class_index, error)
+                        raise UnusableClass(class_index) from error
                     item = spare.pop(0)
                     used.add(item)
         return images
+
+
+    def _warn_excluded(self, domain, class_index: int, error: Exception) -> None:
+        key = f"class:{domain.name}/{class_index}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"excluding class {domain.class_names[class_index]!r} of domain {domain.name!r} from "
+                          f"episodes that need more of its images than can be read (last error: {error}); fix "
+                          f"or remove the broken images", stacklevel=3)
 
 
 def _as_list(tasks):

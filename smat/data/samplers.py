@@ -4,8 +4,10 @@ A sampler draws an :class:`EpisodeSpec` from a ``numpy.random.Generator``;
 it never loads an image. Given the generator's state the draw is fixed, so an
 episode depends only on (seed, episode index), never on worker scheduling.
 Classes with too few images for the protocol are excluded when the sampler
-is built, with a warning; if too few classes remain, a ValueError says what
-to change.
+is built, with a warning; if too few classes remain, a DataError (a
+ValueError) says what to change. ``sample(rng, exclude)`` also leaves out the
+(domain, class) pairs in ``exclude``: the episode builder's way to redraw an
+episode without a class whose images turned out to be unreadable.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .episode import EpisodeSpec
-from .source import Domain
+from .source import DataError, Domain
 
 
 def eligible_classes(domain: Domain, split: str, min_items: int, min_classes: int,
@@ -33,11 +35,25 @@ def eligible_classes(domain: Domain, split: str, min_items: int, min_classes: in
             f"classes with fewer than {min_items} images ({needed_for}): {examples}"
             + (" …" if len(dropped) > 5 else ""), stacklevel=3)
     if len(keep) < min_classes:
-        raise ValueError(
+        raise DataError(
             f"domain {domain.name!r} split {split!r}: {len(keep)} classes have at least "
             f"{min_items} images ({needed_for}), but an episode needs {min_classes}; "
             f"lower the shots/ways or add images")
     return keep
+
+
+def _available(domain: Domain, split: str, classes: list[int], exclude, min_classes: int) -> list[int]:
+    """``classes`` less the (domain, class) pairs of ``exclude``; a DataError
+    when fewer than ``min_classes`` are left."""
+    if not exclude:
+        return classes
+    left = [c for c in classes if (domain.name, c) not in exclude]
+    if len(left) < min_classes:
+        names = ", ".join(repr(domain.class_names[c]) for c in classes if (domain.name, c) in exclude)
+        raise DataError(f"domain {domain.name!r} split {split!r}: only {len(left)} classes have enough readable "
+                        f"images, but an episode needs {min_classes} (unreadable: {names}); fix or remove the "
+                        f"broken images listed in the warnings, or lower the ways")
+    return left
 
 
 def _split_items(rng: np.random.Generator, num_items: int, n_support: int, n_query: int):
@@ -65,8 +81,9 @@ class FixedSampler:
         self.classes = eligible_classes(domain, split, k_shot + q_query, n_way,
                                         f"{k_shot} shots + {q_query} queries")
 
-    def sample(self, rng: np.random.Generator) -> EpisodeSpec:
-        classes = rng.choice(self.classes, size=self.n_way, replace=False)
+    def sample(self, rng: np.random.Generator, exclude=frozenset()) -> EpisodeSpec:
+        available = _available(self.domain, self.split, self.classes, exclude, self.n_way)
+        classes = rng.choice(available, size=self.n_way, replace=False)
         return _spec(self.domain, rng, classes, [self.k_shot] * self.n_way, [self.q_query] * self.n_way)
 
 
@@ -101,9 +118,10 @@ class VariableSampler:
         self.classes = eligible_classes(domain, split, 2, min_way, "one support + one query")
         self._counts = {c: domain.num_items(c) for c in self.classes}
 
-    def sample(self, rng: np.random.Generator) -> EpisodeSpec:
-        n_way = int(rng.integers(self.min_way, min(self.max_way, len(self.classes)) + 1))
-        classes = rng.choice(self.classes, size=n_way, replace=False)
+    def sample(self, rng: np.random.Generator, exclude=frozenset()) -> EpisodeSpec:
+        available = _available(self.domain, self.split, self.classes, exclude, self.min_way)
+        n_way = int(rng.integers(self.min_way, min(self.max_way, len(available)) + 1))
+        classes = rng.choice(available, size=n_way, replace=False)
         counts = np.array([self._counts[int(c)] for c in classes])
         n_query = min(self.max_query, int(counts.min()) // 2)
         remaining = counts - n_query
@@ -134,9 +152,9 @@ class MultiDomainSampler:
             raise ValueError(f"weights must be {len(self.samplers)} non-negative numbers, got {weights}")
         self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
 
-    def sample(self, rng: np.random.Generator) -> EpisodeSpec:
+    def sample(self, rng: np.random.Generator, exclude=frozenset()) -> EpisodeSpec:
         index = int(rng.choice(len(self.samplers), p=self.probabilities))
-        return self.samplers[index].sample(rng)
+        return self.samplers[index].sample(rng, exclude)
 
 
 def make_sampler(source, domains: str | Sequence[str], split: str, protocol: str = "fixed",

@@ -16,6 +16,20 @@ import numpy as np
 SPLITS = ("train", "val", "test")
 
 
+class DataError(ValueError):
+    """A problem with the user's data, saying what is wrong and how to fix it.
+    The command-line tools print it as one ``error:`` line."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or folder that should exist does not."""
+
+
+class UnreadableImageError(DataError):
+    """One image that cannot be used (damaged, or over the pixel limit): the
+    episode builder skips it, warns and counts it, as any unreadable image."""
+
+
 class Domain(abc.ABC):
     """One domain: classes, their split, and lazily loaded images."""
 
