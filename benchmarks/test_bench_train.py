@@ -28,13 +28,14 @@ import pytest
 import torch
 from bench_util import bytes_merge_backward, bytes_merge_forward, run_case
 
-from smat.backbone import create_backbone
 from smat.config import load_config
 from smat.data import Task
 from smat.data.episode import labels_for
-from smat.lagrangian import SparsityMultipliers
 from smat.model import SparseInterpolatedExperts
-from smat.train import MetaObjective, make_optimizers
+from smat.model.backbone import create_backbone
+from smat.training.lagrangian import SparsityMultipliers
+from smat.training.objective import MetaObjective
+from smat.training.specs import SPECS, make_optimizers
 from smat_kernels.dispatch import rejection
 
 N_WAY, K_SHOT, Q_QUERY = 5, 5, 5
@@ -67,7 +68,7 @@ def make_step(backbone_name: str, image_size: int, impl: str, parallel: str, dev
     model = SparseInterpolatedExperts.from_config(config.model, create_backbone(config.model, pretrained=False))
     model = model.to(device).train()
     objective = MetaObjective(model, config, parallel)
-    optimizers = make_optimizers(model, config)
+    optimizers = make_optimizers(SPECS["smat"], model, config.train)
     multipliers = SparsityMultipliers(model.num_experts, config.train.tau, config.train.lambda_lr, device)
     tasks = random_tasks(config.train.meta_batch, image_size, device)
     temperature = config.train.temperature.at(0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import yaml
 
 # smat: the paper's method. Baselines (smat/baselines.py): pretrained (no meta-tuning), pmf (all parameters
@@ -268,10 +269,9 @@ def from_dict(values: dict) -> Config:
     return config
 
 
-def save_config(config: Config, path: Path) -> None:
-    from .io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def to_yaml(config: Config) -> str:
+    """The config as the YAML that ``load_config`` reads back (a run's ``config.yaml``)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------
@@ -357,8 +357,6 @@ def validate(config: Config) -> Config:
 
 
 def _unknown_timm_model(name: str) -> str | None:
-    import timm
-
     if timm.is_model(name):
         return None
     base = name.split(".")[0]

@@ -9,15 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat import episodes, methods, objective
+from smat import model as methods
 from smat.adapt import AdaptConfig, validate_adapt
 from smat.adapt.cost import CPU_KIND, PeakMemory, Stopwatch
 from smat.adapt.finetune import backbone_accuracy, full_finetune, task_backbone
-from smat.adapt.head import support_cross_entropy
 from smat.adapt.lora import add_lora, lora_finetune, lora_parameters, target_pattern
 from smat.adapt.select import binary_to_alpha, initial_binary, select_experts, support_losses
-from smat.backbone import create_builtin
 from smat.config import ConfigError, load_config
+from smat.data import episodes
+from smat.model.backbone import create_builtin
+from smat.model.protonet import support_cross_entropy
+from smat.training import objective
 
 TEMPERATURE = 1.0
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from smat import analyze
-from smat.backbone import create_backbone
-from smat.config import Config, save_config
-from smat.flat import FlatLayout
+from smat import analysis, analyze
+from smat.config import Config
 from smat.model import SparseInterpolatedExperts
+from smat.model.backbone import create_backbone
+from smat.model.flat import FlatLayout
+from smat.runtime.io import save_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("id_ood", "alignment", "nonzeros_by_type", "nonzeros_by_depth", "domain_alpha", "mask_overlap")
@@ -33,7 +34,7 @@ def tiny_config(**builtin) -> Config:
 
 def test_layer_types_of_the_builtin_vit():
     names = [name for name, _ in create_backbone(Config().model).named_parameters()]
-    types = {name: analyze.layer_type(name) for name in names}
+    types = {name: analysis.layer_type(name) for name in names}
     assert types["patch_embed.proj.weight"] == types["patch_embed.proj.bias"] == "patch embedding"
     assert types["blocks.3.attn.qkv.weight"] == "attention qkv"
     assert types["blocks.0.attn.proj.bias"] == "attention proj"
@@ -41,12 +42,12 @@ def test_layer_types_of_the_builtin_vit():
     assert types["blocks.1.mlp.fc2.bias"] == "MLP fc2"
     assert types["blocks.0.norm1.weight"] == types["blocks.3.norm2.bias"] == types["norm.weight"] == "norms"
     assert types["cls_token"] == types["pos_embed"] == "other"
-    assert set(types.values()) == set(analyze.LAYER_TYPES)
+    assert set(types.values()) == set(analysis.LAYER_TYPES)
 
 
 def test_layer_depths_of_the_builtin_vit():
     names = [name for name, _ in create_backbone(Config().model).named_parameters()]
-    depths = analyze.layer_depths(names)
+    depths = analysis.layer_depths(names)
     assert depths["cls_token"] == depths["pos_embed"] == depths["patch_embed.proj.weight"] == "embedding"
     assert depths["blocks.0.attn.qkv.weight"] == "block 0"
     assert depths["blocks.3.mlp.fc2.bias"] == "block 3"
@@ -61,14 +62,14 @@ def test_nonzero_counts_by_group():
     qkv = next(s for s in layout.slots if s.name == "blocks.1.attn.qkv.weight")
     masks[qkv.offset:qkv.offset + 10, 0] = True  # expert 0: 10 entries of block 1's qkv
     masks[qkv.offset + 5:qkv.offset + 20, 2] = True  # expert 2: 15 entries, 5 shared with expert 0
-    rows = {r["group"]: r for r in analyze.nonzero_counts(layout, masks, analyze.layer_type, analyze.LAYER_TYPES)}
-    assert list(rows) == list(analyze.LAYER_TYPES)
+    rows = {r["group"]: r for r in analysis.nonzero_counts(layout, masks, analysis.layer_type, analysis.LAYER_TYPES)}
+    assert list(rows) == list(analysis.LAYER_TYPES)
     assert sum(r["parameters"] for r in rows.values()) == layout.num_elements
     assert rows["attention qkv"]["experts"] == [10, 0, 15]
     assert rows["attention qkv"]["union"] == 20
     assert rows["attention qkv"]["fraction_union"] == pytest.approx(20 / rows["attention qkv"]["parameters"])
     assert rows["MLP fc1"]["union"] == 0
-    by_depth = analyze.nonzero_counts(layout, masks, analyze.layer_depths(layout.names).__getitem__)
+    by_depth = analysis.nonzero_counts(layout, masks, analysis.layer_depths(layout.names).__getitem__)
     assert [r["group"] for r in by_depth] == ["embedding", "block 0", "block 1", "final"]
     assert by_depth[2]["experts"] == [10, 0, 15]
 
@@ -79,7 +80,7 @@ def test_mask_overlap_iou():
     masks[5:20, 1] = True  # |z0 ∩ z1| = 5, |z0 ∪ z1| = 20
     masks[50:60, 2] = True  # disjoint from z0 and z1
     # expert 3 stays empty
-    iou = analyze.mask_overlap(masks, chunk=7)  # chunks that do not divide N
+    iou = analysis.mask_overlap(masks, chunk=7)  # chunks that do not divide N
     assert iou.shape == (4, 4)
     assert torch.equal(iou, iou.t())
     assert torch.all(iou.diagonal() == 1)
@@ -99,45 +100,45 @@ def tiny_model():
 
 def test_domain_alpha_and_dendrogram(tiny_model, tmp_path):
     config, model = tiny_model
-    domains = analyze.domain_alpha(config, model, 2, temperature=1.0, device=torch.device("cpu"))
+    domains = analysis.domain_alpha(config, model, 2, temperature=1.0, device=torch.device("cpu"))
     assert list(domains) == ["latin", "shapes", "digits"]
     assert [d["role"] for d in domains.values()] == ["id", "id", "ood"]
     alpha = np.asarray([d["alpha"] for d in domains.values()])
     assert alpha.shape == (3, 3)
     np.testing.assert_allclose(alpha.sum(1), 1.0, rtol=1e-5)
-    linkage = analyze.domain_linkage(alpha)
+    linkage = analysis.domain_linkage(alpha)
     assert linkage.shape == (2, 4)
-    path = analyze.plot_domain_alpha(domains, "tiny", tmp_path / "domain_alpha.png", 2, 1.0)
+    path = analysis.plot_domain_alpha(domains, "tiny", tmp_path / "domain_alpha.png", 2, 1.0)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     numbers = json.loads(path.with_suffix(".json").read_text())
     assert sorted(numbers["leaf_order"]) == sorted(domains)
-    assert analyze.domain_linkage(alpha[:1]) is None
+    assert analysis.domain_linkage(alpha[:1]) is None
 
 
 def test_alignment_series_and_nan_in_json(tmp_path):
     records = [{"kind": "train", "step": 1},
                {"kind": "alignment", "step": 2, "overall": 0.1, "experts": [0.2, float("nan")]},
                {"kind": "alignment", "step": 1, "overall": 0.3, "experts": [0.4, 0.5]}]
-    series = analyze.alignment_series(records)
+    series = analysis.alignment_series(records)
     assert series["step"] == [1, 2] and series["overall"] == [0.3, 0.1]
     assert series["experts"][0] == [0.4, 0.2]
-    analyze.plot_alignment({"run": series}, {"run": 0.9}, tmp_path / "alignment.png")
+    analysis.plot_alignment({"run": series}, {"run": 0.9}, tmp_path / "alignment.png")
     numbers = json.loads((tmp_path / "alignment.json").read_text())  # strict JSON: NaN became null
     assert numbers["runs"]["run"]["experts"][1] == [0.5, None]
-    assert analyze.alignment_series([{"kind": "train", "step": 1}]) is None
+    assert analysis.alignment_series([{"kind": "train", "step": 1}]) is None
 
 
 def test_id_ood_point_reads_the_trained_models_column():
     config = Config(method="softmerge")
     report = {"summary": {"averages": {"id": {"smat": 61.0, "pretrained": 55.0},
                                        "ood": {"smat": 48.0, "pretrained": 47.0}}}}
-    point = analyze.id_ood_point(analyze.RunFiles(Path("r"), "r", config, [], report))
+    point = analysis.id_ood_point(analysis.RunFiles(Path("r"), "r", config, [], report))
     assert (point["id"], point["ood"], point["method"]) == (61.0, 48.0, "softmerge")
-    with pytest.raises(analyze.AnalysisError, match="no report.json"):
-        analyze.id_ood_point(analyze.RunFiles(Path("r"), "r", config, [], None))
+    with pytest.raises(analysis.AnalysisError, match="no report.json"):
+        analysis.id_ood_point(analysis.RunFiles(Path("r"), "r", config, [], None))
     report["summary"]["averages"].pop("ood")
-    with pytest.raises(analyze.AnalysisError, match="no ID and OOD average"):
-        analyze.id_ood_point(analyze.RunFiles(Path("r"), "r", config, [], report))
+    with pytest.raises(analysis.AnalysisError, match="no ID and OOD average"):
+        analysis.id_ood_point(analysis.RunFiles(Path("r"), "r", config, [], report))
 
 
 def test_user_errors_exit_2(tmp_path, capsys):

@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smat import checkpoint, io
 from smat.config import load_config
-from smat.io import OutputError
-from smat.train import check_compatible, main
+from smat.model import check_compatible
+from smat.runtime import checkpoint, io
+from smat.runtime.io import OutputError
+from smat.train import main
 
 
 def tensors(step: int) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from smat.backbone import create_backbone, create_builtin, load_weights
 from smat.config import BuiltinArch, ConfigError, ModelConfig, load_config, validate
+from smat.model.backbone import create_backbone, create_builtin, load_weights
 from smat.train import main
 
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
-from smat import checkpoint, evaluate, methods
+from smat import evaluate
+from smat import model as methods
 from smat.adapt import AdaptConfig
-from smat.backbone import create_builtin
-from smat.config import ConfigError, load_config, save_config, validate
-from smat.distributed import World
-from smat.tables import (
+from smat.config import ConfigError, load_config, validate
+from smat.evaluation import metrics, modes, runs
+from smat.evaluation.tables import (
     ModeCost,
     ModeResult,
     cost_markdown,
@@ -32,7 +32,11 @@ from smat.tables import (
     results_markdown,
     write_tables,
 )
-from smat.train import Trainer
+from smat.model.backbone import create_builtin
+from smat.runtime import checkpoint
+from smat.runtime.distributed import World
+from smat.runtime.io import save_config
+from smat.training import Trainer
 
 TINY = ["data.n_way=3", "data.k_shot=2", "data.q_query=2", "train.val_episodes=1", "train.tasks_per_epoch=4",
         "train.epochs=1", "device=cpu"]
@@ -75,10 +79,10 @@ def test_confidence_interval_by_hand():
     values = [0.2, 0.4, 0.9]
     mean = (0.2 + 0.4 + 0.9) / 3
     std = math.sqrt(((0.2 - mean) ** 2 + (0.4 - mean) ** 2 + (0.9 - mean) ** 2) / (3 - 1))  # sample std
-    assert evaluate.confidence_interval(values) == pytest.approx((mean, 1.96 * std / math.sqrt(3)))
-    assert evaluate.confidence_interval([0.7]) == (pytest.approx(0.7), 0.0)
+    assert metrics.confidence_interval(values) == pytest.approx((mean, 1.96 * std / math.sqrt(3)))
+    assert metrics.confidence_interval([0.7]) == (pytest.approx(0.7), 0.0)
     with pytest.raises(ValueError):
-        evaluate.confidence_interval([])
+        metrics.confidence_interval([])
 
 
 # ---------------------------------------------------------------- tables
@@ -94,7 +98,7 @@ def test_results_table_cells_and_averages():
                _result("smat", "protonet", "digits", "ood", [0.4, 0.6]),
                _result("smat", "full", "latin", "id", [0.8, 0.8]),
                _result("smat", "full", "digits", "ood", [0.6, 0.6])]
-    mean, ci = evaluate.confidence_interval([0.5, 0.7])
+    mean, ci = metrics.confidence_interval([0.5, 0.7])
     text = results_markdown(results)
     assert f"| latin | ID | {100 * mean:.2f} ± {100 * ci:.2f} | 80.00 ± 0.00 |" in text
     assert "| **ID average** | | **75.00** | **80.00** |" in text  # mean of the domains' means
@@ -138,7 +142,7 @@ def test_cost_table_and_atomic_files(tmp_path):
 
 
 def test_load_run_restores_the_best_checkpoint(run_dir):
-    run = evaluate.load_run(run_dir, "cpu")
+    run = runs.load_run(run_dir, "cpu")
     tensors, _, state = checkpoint.load(checkpoint.resolve(run_dir, "best"))
     assert run.method == "smat" and run.state == state
     torch.testing.assert_close(run.model.delta.detach(), tensors["delta"])
@@ -149,46 +153,46 @@ def test_load_run_restores_the_best_checkpoint(run_dir):
 def test_load_run_rejects_a_checkpoint_of_another_config(run_dir, tmp_path):
     other = copy_run(run_dir, tmp_path, **{"model.num_experts": 4})
     with pytest.raises(checkpoint.CheckpointError, match="num_experts"):
-        evaluate.load_run(other, "cpu")
+        runs.load_run(other, "cpu")
 
 
 def test_load_run_rejects_a_backbone_of_another_shape(run_dir, tmp_path):
     other = copy_run(run_dir, tmp_path, **{"model.builtin.embed_dim": 64})
     with pytest.raises(ConfigError, match="does not fit backbone"):
-        evaluate.load_run(other, "cpu")
+        runs.load_run(other, "cpu")
 
 
 def test_load_run_names_a_missing_folder(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
-        evaluate.load_run(tmp_path / "nothing", "cpu")
+        runs.load_run(tmp_path / "nothing", "cpu")
 
 
 # ---------------------------------------------------------------- learning-rate selection
 
 
 def test_learning_rate_tasks_come_from_val_else_test(run_dir):
-    from smat import episodes
+    from smat.data import episodes
 
-    config = evaluate.read_run_config(run_dir)
+    config = runs.read_run_config(run_dir)
     source = episodes.open_source(config)
-    dataset, split = evaluate.lr_dataset(config, source, "latin", 2)
+    dataset, split = modes.lr_dataset(config, source, "latin", 2)
     assert split == "val" and len(dataset) == 2
-    assert evaluate.lr_dataset(config, source, "digits", 2)[1] == "test"  # OOD: no val split
+    assert modes.lr_dataset(config, source, "digits", 2)[1] == "test"  # OOD: no val split
 
 
 def test_choose_lr_takes_the_best_and_the_smallest_of_ties(monkeypatch):
     scores = {0.0: [0.5], 1e-3: [0.7, 0.7], 1e-2: [0.6, 0.8]}
-    monkeypatch.setattr(evaluate, "run_tasks", lambda run, mode, dataset, lr, options, progress: (scores[lr], 0.0))
-    lr, found = evaluate.choose_lr(None, "full", None, AdaptConfig(lr_grid=[0.0, 1e-3, 1e-2]))
+    monkeypatch.setattr(modes, "run_tasks", lambda run, mode, dataset, lr, options, progress: (scores[lr], 0.0))
+    lr, found = modes.choose_lr(None, "full", None, AdaptConfig(lr_grid=[0.0, 1e-3, 1e-2]))
     assert lr == 1e-3 and found == pytest.approx({0.0: 0.5, 1e-3: 0.7, 1e-2: 0.7})
 
 
 def test_gradient_mode_searches_the_grid_per_domain(run_dir):
-    run = evaluate.load_run(run_dir, "cpu", ["evaluate.episodes=1", "data.test_domains=[latin]"])
+    run = runs.load_run(run_dir, "cpu", ["evaluate.episodes=1", "data.test_domains=[latin]"])
     options = AdaptConfig(steps=1, lr_grid=[0.0, 1e-3], lr_tasks=1)
-    plan = evaluate.plan_run(run, ["full"], options)
+    plan = modes.plan_run(run, ["full"], options)
     assert plan.tasks(["full"], options) == 1 + 2 * 1
-    (result,), cost = evaluate.evaluate_mode(plan, "full", options)
+    (result,), cost = modes.evaluate_mode(plan, "full", options)
     assert result.lr_split == "val" and set(result.lr_scores) == {0.0, 1e-3} and result.lr in result.lr_scores
     assert cost.tasks == 1 and cost.seconds > 0
 
@@ -196,10 +200,10 @@ def test_gradient_mode_searches_the_grid_per_domain(run_dir):
 def test_select_is_refused_for_a_method_without_sigmoid_scored_experts(tmp_path):
     config = validate(load_config(None, TINY + ["method=pretrained"]))
     model = methods.build(config, create_builtin(config.model.builtin, config.model.image_size))
-    run = evaluate.Run(tmp_path, config, model, {"tasks_seen": 0}, torch.device("cpu"))
+    run = runs.Run(tmp_path, config, model, {"tasks_seen": 0}, torch.device("cpu"))
     with pytest.raises(ConfigError, match="method pretrained"):
-        evaluate.check_mode(run, "select")
-    evaluate.check_mode(run, "full")
+        modes.check_mode(run, "select")
+    modes.check_mode(run, "full")
 
 
 # ---------------------------------------------------------------- command line

@@ -23,11 +23,13 @@ import torch
 from safetensors.torch import load_file
 
 from smat.config import load_config, validate
-from smat.distributed import World
-from smat.io import ensure_writable_dir
-from smat.lagrangian import SparsityMultipliers
-from smat.pretrain import pretrained_builtin
-from smat.train import Trainer, TrainingError, main
+from smat.model import protonet
+from smat.runtime.distributed import World
+from smat.runtime.io import ensure_writable_dir
+from smat.train import main
+from smat.training import Trainer, TrainingError, objective
+from smat.training.lagrangian import SparsityMultipliers
+from smat.training.pretrain import pretrained_builtin
 
 TINY = ["pretrain.epochs=1", "device=cpu", "train.tasks_per_epoch=8", "train.val_episodes=1"]
 TIMEOUT = 600  # seconds a subprocess may take before the test fails (a tiny run takes well under a minute)
@@ -100,10 +102,8 @@ def test_without_the_split_the_support_step_and_the_loss_see_the_pooled_images(t
                                                                                monkeypatch):
     """Table 2's 'no split' ablation (train.support_query_split=false): the support step, the prototypes
     and the query loss all run on the union of each task's support and query images."""
-    import smat.objective as objective
-
     seen = {"support": [], "query": []}
-    support_loss, query_logits = objective.support_loss, objective.query_logits
+    support_loss, query_logits = objective.support_loss, protonet.query_logits
 
     def recording_support_loss(model, parameters, tasks, *args):
         seen["support"].extend((len(t.support_y), len(t.query_y)) for t in tasks)
@@ -114,7 +114,7 @@ def test_without_the_split_the_support_step_and_the_loss_see_the_pooled_images(t
         return query_logits(model, parameters, tasks, *args)
 
     monkeypatch.setattr(objective, "support_loss", recording_support_loss)
-    monkeypatch.setattr(objective, "query_logits", recording_query_logits)
+    monkeypatch.setattr(protonet, "query_logits", recording_query_logits)
     trainer = make_trainer(tmp_path, "train.support_query_split=false", "train.alignment_every=0")
     tasks = first_batch(trainer)
     record = trainer.train_step(tasks)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import ConfigError
+
 MODES = ("protonet", "select", "full", "lora")
 GRADIENT_MODES = ("full", "lora")  # the modes whose learning rate is chosen per domain from a grid
 
@@ -51,8 +53,6 @@ class AdaptConfig:
 
 def validate_adapt(options: AdaptConfig) -> AdaptConfig:
     """Raise one ConfigError naming every impossible option; return ``options`` when they are sound."""
-    from ..config import ConfigError
-
     problems = []
     try:  # YAML reads 1e-3 (no dot) as a string
         options.lr = None if options.lr is None else float(options.lr)

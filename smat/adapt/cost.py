@@ -34,7 +34,7 @@ def synchronize(device: torch.device) -> None:
 
 def _rss_bytes() -> int | None:
     try:
-        import psutil
+        import psutil  # optional: the portable way to read RSS; /proc below otherwise
 
         return psutil.Process().memory_info().rss
     except ImportError:

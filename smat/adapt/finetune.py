@@ -10,14 +10,14 @@ fine-tuned backbone. :mod:`smat.adapt.lora` reuses the same loop with LoRA adapt
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..data.transforms import diff_augment
-from .head import query_accuracy, support_cross_entropy
+from ..model.protonet import query_accuracy, support_cross_entropy
+from ..runtime.device import autocast_to
 
 
 @dataclass
@@ -51,7 +51,7 @@ def fine_tune(backbone: nn.Module, parameters: list[nn.Parameter], task, lr: flo
     device = task.support_x.device
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
+    autocast = autocast_to(device, precision)
     losses = []
     backbone.train()  # LoRA's dropout is part of the recipe
     for _ in range(steps):
@@ -72,7 +72,7 @@ def fine_tune(backbone: nn.Module, parameters: list[nn.Parameter], task, lr: flo
 def backbone_accuracy(backbone: nn.Module, task, scale: float, precision: torch.dtype | None = None) -> float:
     """ProtoNet query accuracy of ``task`` with ``backbone``; support and query in one forward pass."""
     device = task.support_x.device
-    autocast = torch.autocast(device.type, dtype=precision) if precision is not None else nullcontext()
+    autocast = autocast_to(device, precision)
     with autocast:
         features = backbone(torch.cat([task.support_x, task.query_x]))
     return query_accuracy(features, task, scale)

@@ -31,7 +31,7 @@ def require_peft():
 
     Evaluation calls this before measuring anything: importing peft takes seconds and tens of MiB."""
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # here, not at import: peft takes seconds to load
     except ImportError as error:
         raise ConfigError(f"mode lora needs the peft package ({error}); install it with `pip install peft`") from None
     return LoraConfig, inject_adapter_in_model

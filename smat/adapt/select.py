@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import hypernet, objective
-from .head import support_cross_entropy
+from ..model import hypernet, protonet
+from ..model.protonet import support_cross_entropy
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Selection:
 def binary_to_alpha(binary: torch.Tensor) -> torch.Tensor:
     """α' bool/float [B, M] → α fp32 [B, M] = α' / Σ_m α'.
 
-    Unlike :func:`smat.hypernet.normalise`, an all-zero row stays zero: with every expert off the merge
+    Unlike :func:`smat.model.hypernet.normalise`, an all-zero row stays zero: with every expert off the merge
     gives θ_pre, which is what switching all experts off means (uniform α would switch them all on)."""
     binary = binary.float()
     return binary / binary.sum(-1, keepdim=True).clamp_min(1.0)
@@ -39,8 +39,7 @@ def binary_to_alpha(binary: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def initial_binary(model, tasks, temperature: float) -> torch.Tensor:
     """α' bool [B, M]: the hypernetwork's evaluation scores of each task rounded to {0, 1}."""
-    prototypes = model.pretrained_prototypes([t.support_x for t in tasks], [t.support_y for t in tasks],
-                                             [t.n_way for t in tasks])
+    prototypes = model.pretrained_prototypes(tasks)
     return hypernet.gumbel_sigmoid(model.expert_logits(prototypes), temperature, None).round().bool()
 
 
@@ -90,5 +89,5 @@ def select_experts(model, task, temperature: float, rounds: int, rho: float,
 def selection_accuracy(model, task, selection: Selection, parallel: str = "loop") -> float:
     """ProtoNet query accuracy of ``task`` under the selected α."""
     theta = model.merge(selection.alpha[None], mode="deterministic")
-    (logits,) = objective.query_logits(model, theta, [task], parallel)
-    return float((logits.argmax(-1) == task.query_y).float().mean())
+    (logits,) = protonet.query_logits(model, theta, [task], parallel)
+    return protonet.accuracy(logits, task.query_y)

@@ -23,7 +23,9 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image
 
 from .source import DataError, DataNotFoundError, Domain, Source, UnreadableImageError
 
@@ -47,8 +49,6 @@ class H5FileCache:
         self._pid = os.getpid()
 
     def get(self, path: str):
-        import h5py
-
         if self._pid != os.getpid():
             self._files = OrderedDict()
             self._pid = os.getpid()
@@ -108,7 +108,6 @@ class H5Domain(Domain):
                                        f"truncated or damaged: convert this class to .h5 again") from None
         if image.dtype == np.uint8 and image.ndim == 1:
             # Some conversions store the encoded file instead of decoded pixels.
-            from PIL import Image
             with Image.open(io.BytesIO(image.tobytes())) as decoded:
                 return np.asarray(decoded.convert("RGB"))
         return np.asarray(image, dtype=np.uint8)

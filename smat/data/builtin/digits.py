@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
 
 
 def generate_digits(size: int):
     """images uint8 [1797, size, size] (dark ink on white, bicubic upsampling), labels, names '0' … '9'."""
-    from sklearn.datasets import load_digits
-
     digits = load_digits()
     small = np.clip(255 - digits.images * (255 / 16), 0, 255).astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC)) for image in small])

@@ -18,6 +18,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw, ImageFont
 
 CANVAS = 64
@@ -54,8 +55,6 @@ def font_dir() -> str:
 
 @functools.cache
 def font_coverage(font_file: str) -> frozenset[int]:
-    from fontTools.ttLib import TTFont
-
     with TTFont(os.path.join(font_dir(), font_file), lazy=True) as font:
         return frozenset(font.getBestCmap())
 

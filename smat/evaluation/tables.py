@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_text
+from ..runtime.io import atomic_write_text
+from .metrics import confidence_interval
 
 MIB = 2 ** 20
 ROLES = ("id", "ood")
@@ -70,8 +71,6 @@ def column_labels(items) -> dict[tuple[str, str], str]:
 
 def _summary(results: list[ModeResult]):
     """(labels, domains [(name, role)], cells {(domain, label): (mean %, ci %)}, averages {(role, label): %})."""
-    from .evaluate import confidence_interval  # here: smat.evaluate imports this module
-
     labels = column_labels(results)
     columns = list(dict.fromkeys(labels.values()))
     domains = list(dict.fromkeys((r.domain, r.role) for r in results))

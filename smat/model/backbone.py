@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import timm
 import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .config import BuiltinArch, ConfigError, ModelConfig
+from ..config import BuiltinArch, ConfigError, ModelConfig
 
 BUILTIN = "builtin"
 
 
 def create_builtin(arch: BuiltinArch, image_size: int) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
     return VisionTransformer(img_size=image_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim,
                              depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio,
                              num_classes=0, qkv_bias=True)
@@ -34,8 +35,6 @@ def create_backbone(config: ModelConfig, weights: str | Path | None = None, pret
     name without a file, ``pretrained`` loads timm's pre-trained weights from
     its cache (no download happens where there is no network).
     """
-    import timm
-
     weights = weights or config.weights
     if config.backbone == BUILTIN:
         model = create_builtin(config.builtin, config.image_size)
@@ -59,8 +58,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any decoding failure is the same user error
@@ -78,8 +75,6 @@ def load_weights(model: nn.Module, path: str | Path, name: str) -> None:
     state = read_state_dict(path)
     state = {key.removeprefix("module.").removeprefix("backbone."): value for key, value in state.items()}
     if hasattr(model, "pos_embed"):
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
         try:
             state = checkpoint_filter_fn(state, model)
         except Exception as error:  # noqa: BLE001 - a foreign layout fails inside timm's converter

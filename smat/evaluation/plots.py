@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from ..runtime.io import atomic_path  # noqa: E402
+from .metrics import SPARSITY_TOLERANCE  # noqa: E402
 
 
 def _save(figure, path: Path) -> Path:
@@ -38,7 +39,7 @@ def training_curves(records: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def sparsity_curves(records: list[dict], tau: float, path: Path, tolerance: float = 0.02) -> Path:
+def sparsity_curves(records: list[dict], tau: float, path: Path, tolerance: float = SPARSITY_TOLERANCE) -> Path:
     train = [r for r in records if r["kind"] == "train"]
     steps = [r["step"] for r in train]
     experts = len(train[0]["hard_sparsity"]) if train else 0

@@ -8,11 +8,14 @@ an :class:`OutputError` that names the path and what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..config import Config, to_yaml
 
 
 class OutputError(OSError):
@@ -20,8 +23,6 @@ class OutputError(OSError):
 
 
 def describe_os_error(error: OSError, path: Path) -> str:
-    import errno
-
     if error.errno == errno.ENOSPC:
         return f"no space left on the device holding {path}; free some space or choose another output folder"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -92,3 +93,8 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write ``config`` as YAML, atomically (a run's ``config.yaml``)."""
+    atomic_write_text(path, to_yaml(config))

@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import create_builtin
-from .config import Config
-from .data.builtin import CACHE_VERSION, PRETRAIN_DOMAIN, BuiltinSource
-from .data.builtin.cache import cache_dir
-from .data.transforms import normalize
-from .io import atomic_path, atomic_write_json
+from ..config import Config
+from ..data.builtin import CACHE_VERSION, PRETRAIN_DOMAIN, BuiltinSource
+from ..data.builtin.cache import cache_dir
+from ..data.transforms import normalize
+from ..model.backbone import create_builtin
+from ..runtime.io import atomic_path, atomic_write_json
 
 
 def cache_key(config: Config) -> str:
@@ -48,8 +49,6 @@ def pretrained_builtin(config: Config, log=print) -> Path:
     log(f"pre-training the built-in backbone ({config.pretrain.epochs} epochs); cached afterwards at {path}")
     start = time.perf_counter()
     backbone, summary = pretrain(config)
-    from safetensors.torch import save_file
-
     with atomic_path(path) as temporary:
         save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(temporary))
     summary["seconds"] = round(time.perf_counter() - start, 1)

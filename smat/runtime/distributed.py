@@ -9,11 +9,13 @@ global index.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,13 @@ def broadcast_object(value, world: World):
 def barrier(world: World) -> None:
     if world.active:
         dist.barrier()
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` under DDP, its gradients averaged over the processes. Buffers (θ_pre: N floats) are equal on
+    every process and never change, so they are not re-broadcast before every forward. torch ≥ 2.14 spells
+    this ``forward_sync_buffers=False`` and warns about the older ``broadcast_buffers``."""
+    sync = ({"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+            else {"broadcast_buffers": False})
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, **sync)

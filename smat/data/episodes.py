@@ -8,18 +8,13 @@ pure function of (seed, index), so any process can load any task.
 
 from __future__ import annotations
 
-from .config import Config, ConfigError
-from .data import (
-    BuiltinSource,
-    EpisodeDataset,
-    EpisodeLoader,
-    EvalTransform,
-    ImageFolderSource,
-    MetaDatasetH5Source,
-    TrainTransform,
-    make_sampler,
-)
-from .data.builtin import DOMAINS, ID_DOMAINS, OOD_DOMAINS
+from ..config import Config, ConfigError
+from .builtin import DOMAINS, ID_DOMAINS, OOD_DOMAINS, BuiltinSource
+from .folder import ImageFolderSource
+from .h5 import MetaDatasetH5Source
+from .loader import EpisodeDataset, EpisodeLoader
+from .samplers import make_sampler
+from .transforms import EvalTransform, TrainTransform
 
 VAL_SEED_OFFSET = 7919  # validation and test episodes never reuse the training stream's seeds
 

@@ -13,17 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, episodes, plots, runlog
-from .config import Config
-from .evaluate import confidence_interval, protonet_accuracies
-from .io import atomic_write_json, atomic_write_text
-
-
-def load_trained(model, folder: Path, device) -> dict:
-    """Load a checkpoint's trained tensors into ``model``; returns the checkpoint's state."""
-    tensors, _, state = checkpoint.load(folder, map_location=device)
-    model.load_trainable_tensors(tensors)
-    return state
+from ..config import Config
+from ..data import episodes
+from ..model.protonet import loader_accuracies
+from ..runtime import checkpoint, runlog
+from ..runtime.io import atomic_write_json, atomic_write_text
+from . import plots
+from .metrics import SPARSITY_TOLERANCE, confidence_interval
+from .runs import load_trained
 
 
 def compared_methods(config: Config) -> tuple[str, ...]:
@@ -43,7 +40,7 @@ def evaluate_domains(config: Config, model, device, temperature: float, log=prin
         loader = episodes.loader(dataset, config, meta_batch=config.train.meta_batch)
         results[name] = {"role": episodes.domain_role(name, source)}
         for method in methods:
-            results[name][method] = protonet_accuracies(model, loader, temperature, device, config,
+            results[name][method] = loader_accuracies(model, loader, temperature, device, config,
                                                         pretrained=method == "pretrained")
             progress.update(len(dataset))
     progress.close()
@@ -52,13 +49,13 @@ def evaluate_domains(config: Config, model, device, temperature: float, log=prin
 
 def sparsity_summary(model, tau: float) -> dict | None:
     """Each expert's hard and expected sparsity against τ; None for models without masks."""
-    if not hasattr(model, "log_alpha"):
+    if not model.masked:
         return None
     hard = model.hard_sparsity().tolist()
     expected = (1 - model.expected_density().detach()).tolist()
     return {"tau": tau, "hard": hard, "expected": expected,
             "max_deviation": float(max(abs(s - tau) for s in hard)),
-            "within_0.02": all(abs(s - tau) <= 0.02 for s in hard)}
+            "within_0.02": all(abs(s - tau) <= SPARSITY_TOLERANCE for s in hard)}
 
 
 def summarise(results: dict, methods=("smat", "pretrained")) -> dict:
@@ -132,7 +129,7 @@ def _markdown(config, state, summary, results, sparsity, figures, run) -> str:
             "",
             "- hard (deterministic masks): " + ", ".join(f"{s:.3f}" for s in sparsity["hard"]),
             "- expected (1 − E[L0]/N): " + ", ".join(f"{s:.3f}" for s in sparsity["expected"]),
-            f"- every expert within 0.02 of τ = {config.train.tau}: **{verdict}** "
+            f"- every expert within {SPARSITY_TOLERANCE} of τ = {config.train.tau}: **{verdict}** "
             f"(largest deviation {sparsity['max_deviation']:.3f})",
             "",
         ]

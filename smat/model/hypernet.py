@@ -11,6 +11,7 @@ padded, with an attention mask.
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -18,8 +19,6 @@ from torch.nn.utils.parametrizations import spectral_norm
 class Hypernetwork(nn.Module):
     def __init__(self, dim: int, num_experts: int, num_tokens: int = 4, num_heads: int = 4, mlp_ratio: float = 2.0):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         if dim % num_heads:
             num_heads = next(h for h in range(num_heads, 0, -1) if dim % h == 0)
         self.tokens = nn.Parameter(torch.randn(num_tokens, dim) * 0.02)
@@ -65,6 +64,3 @@ def normalise(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     uniform = torch.full_like(scores, 1.0 / scores.shape[-1])
     return torch.where(total > eps, scores / total.clamp_min(eps), uniform)
 
-
-def penalty(logits: torch.Tensor) -> torch.Tensor:
-    return logits.pow(2).mean()

@@ -1,0 +1,104 @@
+"""A trained run folder, loaded for meta-testing: its config, its model with the best checkpoint's tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import Config, ConfigError, from_dict, merge_values, parse_override, validate
+from ..model import TaskModel, build, check_compatible
+from ..model.backbone import create_backbone
+from ..runtime import checkpoint
+from ..runtime.device import precision_dtype, resolve_device, task_parallel
+
+
+@dataclass
+class Run:
+    """A run folder's model with its best checkpoint loaded, ready for meta-testing."""
+
+    path: Path
+    config: Config
+    model: TaskModel
+    state: dict  # the checkpoint's state.json
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def temperature(self) -> float:
+        """The hypernetwork's temperature where the checkpoint was taken (its evaluation form uses it)."""
+        return self.config.train.temperature.at(self.state.get("tasks_seen", 0))
+
+    @property
+    def parallel(self) -> str:
+        """How the backbones of several weight rows run: 'loop' or 'vmap' (``train.task_parallel``)."""
+        return task_parallel(self.config)
+
+    @property
+    def precision(self) -> torch.dtype | None:
+        return precision_dtype(self.config, self.device)
+
+
+def read_run_config(run_dir: str | Path, overrides=()) -> Config:
+    """The config a run was trained with (``<run>/config.yaml``), with ``key=value`` overrides applied."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise checkpoint.CheckpointError(f"run folder {run} does not exist; give the output folder of "
+                                         f"`python -m smat.train` (its output=PATH)")
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise checkpoint.CheckpointError(f"{run} has no config.yaml, so it is not a folder written by "
+                                         f"`python -m smat.train`")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    config = from_dict(values)
+    for text in overrides:
+        merge_values(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
+    return validate(config)
+
+
+def _load_tensors(model: TaskModel, tensors: dict[str, torch.Tensor], folder: Path, config_path) -> None:
+    try:
+        model.load_trainable_tensors({k: v for k, v in tensors.items() if k != "lambda"})
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise checkpoint.CheckpointError(f"checkpoint {folder} does not fit the model of {config_path}: "
+                                         f"{str(error).splitlines()[0]}") from None
+
+
+def load_trained(model: TaskModel, folder: Path, device) -> dict:
+    """Load a checkpoint's trained tensors into ``model``; returns the checkpoint's state."""
+    tensors, _, state = checkpoint.load(folder, map_location=device)
+    _load_tensors(model, tensors, folder, "the run")
+    return state
+
+
+def load_run(run_dir: str | Path, device: torch.device | str | None = None, overrides=()) -> Run:
+    """Rebuild a run's model: backbone from ``<run>/backbone.safetensors``, the method's model over it,
+    and the trained tensors of the ``best`` checkpoint. ``device=None``: the run config's device.
+
+    A checkpoint that does not fit the config (another backbone, M, method or shapes) raises
+    :class:`smat.runtime.checkpoint.CheckpointError` saying what differs."""
+    run = Path(run_dir).expanduser()
+    config = read_run_config(run, overrides)
+    device = torch.device(device) if device is not None else resolve_device(config.device)
+    weights = run / "backbone.safetensors"
+    if not weights.is_file():
+        raise checkpoint.CheckpointError(f"{run} has no backbone.safetensors (θ_pre of the run); it is not a "
+                                         f"complete training run")
+    folder = checkpoint.resolve(run, "best")
+    model = build(config, create_backbone(config.model, weights=weights)).to(device)
+    tensors, _, state = checkpoint.load(folder, map_location=device)
+    check_compatible(state, model, config, folder)
+    _load_tensors(model, tensors, folder, run / "config.yaml")
+    return Run(run, config, model.eval(), state, device)

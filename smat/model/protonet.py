@@ -1,0 +1,85 @@
+"""The cosine ProtoNet head (Snell et al. 2017, as in PMF and SMAT): the one place that turns features
+into class prototypes, logits, losses and accuracies.
+
+Class prototypes are the mean support features of each class; a query's
+logits are ``scale`` × the cosine similarity to each prototype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.device import autocast
+
+
+def prototypes(features: torch.Tensor, labels: torch.Tensor, n_way: int) -> torch.Tensor:
+    """features [S, D], labels int64 [S] in 0 … n_way−1 → class means [n_way, D]."""
+    sums = features.new_zeros(n_way, features.shape[-1]).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(features.dtype)
+    return sums / counts[:, None]
+
+
+def cosine_logits(features: torch.Tensor, centroids: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
+    """features [Q, D], centroids [n_way, D] → logits [Q, n_way] = scale · cos(feature, centroid)."""
+    return scale * F.normalize(features, dim=-1) @ F.normalize(centroids, dim=-1).t()
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows of ``logits`` [Q, n_way] whose argmax is the label."""
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def accuracies(logits: list[torch.Tensor], tasks) -> list[float]:
+    """Query accuracy of each task from its query logits."""
+    return [accuracy(out, task.query_y) for out, task in zip(logits, tasks, strict=True)]
+
+
+def support_cross_entropy(features: torch.Tensor, labels: torch.Tensor, n_way: int, scale: float) -> torch.Tensor:
+    """CE of classifying the support set by its own class prototypes (the support loss of Algorithms 1–3).
+
+    features [S, D] (any float dtype; computed in fp32), labels int64 [S] → scalar fp32."""
+    features = features.float()
+    centroids = prototypes(features, labels, n_way)
+    return F.cross_entropy(cosine_logits(features, centroids, scale), labels)
+
+
+def task_logits(features: torch.Tensor, task, scale: float) -> torch.Tensor:
+    """Query logits [Q, n_way] of ``task`` from the features of its [support; query] images, [S + Q, D]."""
+    features = features.float()
+    support, query = features[:len(task.support_y)], features[len(task.support_y):]
+    return cosine_logits(query, prototypes(support, task.support_y, task.n_way), scale)
+
+
+def query_accuracy(features: torch.Tensor, task, scale: float) -> float:
+    """Query accuracy of ``task`` from the features of [support; query] images, [S + Q, D]."""
+    return accuracy(task_logits(features, task, scale), task.query_y)
+
+
+def query_logits(model, theta: torch.Tensor | None, tasks, parallel: str = "loop") -> list[torch.Tensor]:
+    """ProtoNet logits [Q_b, n_way_b] per task: prototypes from the support set, both sets under row b
+    of ``theta`` [B, N] (``None``: the pre-trained backbone). Support and query go through one forward pass."""
+    images = [torch.cat([t.support_x, t.query_x]) for t in tasks]
+    features = model.task_features(theta, images, parallel)
+    return [task_logits(f, task, model.protonet_scale) for f, task in zip(features, tasks, strict=True)]
+
+
+@torch.no_grad()
+def task_accuracies(model, tasks, temperature: float, pretrained: bool = False, parallel: str = "loop"):
+    """ProtoNet query accuracy of each task under its meta-test weights (one merge for the batch), or
+    under the pre-trained backbone's when ``pretrained``."""
+    theta = None if pretrained else model.task_parameters(tasks, temperature)
+    return accuracies(query_logits(model, theta, tasks, parallel), tasks)
+
+
+@torch.no_grad()
+def loader_accuracies(model, loader, temperature: float, device: torch.device, config=None,
+                      pretrained: bool = False, parallel: str = "loop") -> list[float]:
+    """ProtoNet query accuracy of every task of ``loader`` (batches of tasks), in the run's precision."""
+    model.eval()
+    results = []
+    for batch in loader:
+        tasks = [t.to(device) for t in (batch if isinstance(batch, list) else [batch])]
+        with autocast(config, device):
+            results += task_accuracies(model, tasks, temperature, pretrained, parallel)
+    return results
