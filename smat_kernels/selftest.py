@@ -24,6 +24,7 @@ training run that merely ends a little worse.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -275,9 +276,14 @@ def _on(device: torch.device, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     return {name: t.to(device) for name, t in tensors.items()}
 
 
+@functools.cache
+def uniforms_expected(case: Case) -> torch.Tensor:
+    return reference.uniforms(SEED, OFFSET, case.batch, case.n, case.num_experts)
+
+
 def check_uniforms(backend: Backend, case: Case, device: torch.device) -> None:
     drawn = backend.uniforms(SEED, OFFSET, case.batch, case.n, case.num_experts, device).cpu()
-    expected = reference.uniforms(SEED, OFFSET, case.batch, case.n, case.num_experts)
+    expected = uniforms_expected(case)
     if drawn.shape != expected.shape or drawn.dtype != torch.float32:
         raise Mismatch(f"uniforms: got {drawn.dtype} {tuple(drawn.shape)}, expected float32 {tuple(expected.shape)}")
     differ = drawn.view(torch.int32) != expected.view(torch.int32)
@@ -319,17 +325,24 @@ def check_merge_backward(backend: Backend, case: Case, device: torch.device,
                         low_precision=low if grad.dtype != torch.float32 else None, where=where))
 
 
-def check_densities(backend: Backend, case: Case, device: torch.device) -> None:
+@functools.cache
+def density_expected(case: Case) -> dict[str, torch.Tensor]:
     log_alpha, grad = density_inputs(case)
-    exact = reference.expected_density(log_alpha.double(), *HARD_CONCRETE)
+    return {"density": reference.expected_density(log_alpha.double(), *HARD_CONCRETE),
+            "grad": reference.expected_density_backward(grad, log_alpha, *HARD_CONCRETE),
+            "hard": reference.hard_density(log_alpha, reference.GAMMA, reference.ZETA)}
+
+
+def check_densities(backend: Backend, case: Case, device: torch.device) -> None:
+    (log_alpha, grad), expected = density_inputs(case), density_expected(case)
+    exact = expected["density"]
     density = backend.expected_density(log_alpha.to(device), *HARD_CONCRETE)
     _check(mismatch("expected density", density, exact, exact))  # a mean of probabilities: its own scale
     grad_log_alpha = backend.expected_density_backward(grad.to(device), log_alpha.to(device), *HARD_CONCRETE)
-    _check(mismatch("∂log_alpha of the expected density", grad_log_alpha,
-                    reference.expected_density_backward(grad, log_alpha, *HARD_CONCRETE),
+    _check(mismatch("∂log_alpha of the expected density", grad_log_alpha, expected["grad"],
                     (grad.abs() / case.n / 4).expand(case.n, case.num_experts)))
     hard = backend.hard_density(log_alpha.to(device), reference.GAMMA, reference.ZETA).cpu()
-    expected_hard = reference.hard_density(log_alpha, reference.GAMMA, reference.ZETA)
+    expected_hard = expected["hard"]
     if not torch.equal(hard, expected_hard):
         raise Mismatch(f"hard density {hard.tolist()} != the reference's {expected_hard.tolist()}")
 
@@ -337,10 +350,28 @@ def check_densities(backend: Backend, case: Case, device: torch.device) -> None:
 PACKED_FIELDS = ("support_bitmap", "word_offsets", "expert_bits", "delta")
 
 
-def check_pack(backend: Backend, case: Case, device: torch.device) -> PackedExperts:
+@functools.cache
+def pack_expected(case: Case) -> dict[str, object]:
+    """The reference's packed experts, and its packed merge in fp32 (and in
+    the case's dtype), with the scale Σ |terms| of every entry."""
     inputs = pack_inputs(case)
+    packed = reference.pack(inputs["delta"], inputs["log_alpha"], reference.GAMMA, reference.ZETA)
+
+    def with_delta(delta: torch.Tensor) -> PackedExperts:
+        return PackedExperts(packed.n, packed.num_experts, packed.support_bitmap, packed.word_offsets,
+                             packed.expert_bits, delta, packed.rounded)
+
+    theta_pre, alpha = inputs["theta_pre"], inputs["alpha"]
+    return {"packed": packed,
+            "exact": reference.packed_merge(theta_pre.float(), with_delta(packed.delta.float()), alpha),
+            "low": reference.packed_merge(theta_pre, packed, alpha) if case.dtype != torch.float32 else None,
+            "scale": reference.packed_merge(theta_pre.float().abs(), with_delta(packed.delta.float().abs()),
+                                            alpha.abs())}
+
+
+def check_pack(backend: Backend, case: Case, device: torch.device) -> None:
+    inputs, expected = pack_inputs(case), pack_expected(case)["packed"]
     packed = backend.pack(inputs["delta"].to(device), inputs["log_alpha"].to(device), reference.GAMMA, reference.ZETA)
-    expected = reference.pack(inputs["delta"], inputs["log_alpha"], reference.GAMMA, reference.ZETA)
     if (packed.n, packed.num_experts, packed.rounded) != (expected.n, expected.num_experts, expected.rounded):
         raise Mismatch(f"(n, num_experts, rounded) = {(packed.n, packed.num_experts, packed.rounded)}, expected "
                        f"{(expected.n, expected.num_experts, expected.rounded)}")
@@ -349,43 +380,39 @@ def check_pack(backend: Backend, case: Case, device: torch.device) -> PackedExpe
         if actual.dtype != wanted.dtype or not torch.equal(actual, wanted):
             raise Mismatch(f"packed {name} differs from the reference's ({actual.dtype} {tuple(actual.shape)} vs "
                            f"{wanted.dtype} {tuple(wanted.shape)})")
-    return expected
 
 
 def check_packed_merge(backend: Backend, case: Case, device: torch.device) -> None:
-    inputs = pack_inputs(case)
-    packed = reference.pack(inputs["delta"], inputs["log_alpha"], reference.GAMMA, reference.ZETA)
-    out = backend.packed_merge(inputs["theta_pre"].to(device), packed.to(device), inputs["alpha"].to(device))
-    as_fp32 = PackedExperts(packed.n, packed.num_experts, packed.support_bitmap, packed.word_offsets,
-                            packed.expert_bits, packed.delta.float(), packed.rounded)
-    exact = reference.packed_merge(inputs["theta_pre"].float(), as_fp32, inputs["alpha"])
-    low = reference.packed_merge(inputs["theta_pre"], packed, inputs["alpha"]) if case.dtype != torch.float32 else None
-    as_fp32_abs = PackedExperts(packed.n, packed.num_experts, packed.support_bitmap, packed.word_offsets,
-                                packed.expert_bits, packed.delta.float().abs(), packed.rounded)
-    scale = reference.packed_merge(inputs["theta_pre"].float().abs(), as_fp32_abs, inputs["alpha"].abs())
+    """The reference's packed experts through the backend's packed merge."""
+    inputs, expected = pack_inputs(case), pack_expected(case)
+    out = backend.packed_merge(inputs["theta_pre"].to(device), expected["packed"].to(device),
+                               inputs["alpha"].to(device))
     if out.dtype != case.dtype:
         raise Mismatch(f"out: {out.dtype}, expected {case.dtype}")
-    _check(mismatch("out", out, exact, scale, low_precision=low))
+    _check(mismatch("out", out, expected["exact"], expected["scale"], low_precision=expected["low"]))
 
 
-def checks(level: str) -> Iterator[tuple[str, Case, Callable[[Backend, Case, torch.device], object]]]:
-    """(op, case, check) of a level, cheapest and most basic first: the
-    uniforms before anything drawn from them."""
+Check = Callable[[Backend, Case, torch.device], None]
+
+
+def checks(level: str) -> Iterator[tuple[str, Case, Check, Callable[[Case], object]]]:
+    """(op, case, check, the reference's answer) of a level, most basic
+    first: the uniforms before anything drawn from them."""
     cases = case_set(level)
     for case in cases.uniforms:
-        yield "uniforms", case, check_uniforms
+        yield "uniforms", case, check_uniforms, uniforms_expected
     for case in cases.merge:
-        yield "merge", case, check_merge
-        yield "merge backward", case, check_merge_backward
+        yield "merge", case, check_merge, merge_expected
+        yield "merge backward", case, check_merge_backward, merge_expected
     # The backward with some gradients not requested (their outputs are skipped).
     first = cases.merge[0]
-    yield "merge backward, ∂θ_δ and ∂α only", first, functools.partial(check_merge_backward,
-                                                                       needs=(False, True, False, True))
+    yield ("merge backward, ∂θ_δ and ∂α only", first,
+           functools.partial(check_merge_backward, needs=(False, True, False, True)), merge_expected)
     for case in cases.density:
-        yield "densities", case, check_densities
+        yield "densities", case, check_densities, density_expected
     for case in cases.pack:
-        yield "pack", case, check_pack
-        yield "packed merge", case, check_packed_merge
+        yield "pack", case, check_pack, pack_expected
+        yield "packed merge", case, check_packed_merge, pack_expected
 
 
 # --------------------------------------------------------------------------
@@ -413,9 +440,16 @@ def run(backend: Backend, device: torch.device, level: str = "quick") -> Verdict
     device = torch.device(key)
     start = time.perf_counter()
     count = 0
+    items = list(checks(level))
     # The user's autocast, grad mode or default dtype must not change what the kernels are asked.
     with torch.no_grad(), torch.autocast(device.type, enabled=False), _default_dtype(torch.float32):
-        for op, case, check in checks(level):
+        # The reference's answers first, on one thread: its tensors are small,
+        # and on a loaded machine parallel regions interleaved with the
+        # kernels' cost up to 20 times more (measured: 1.5 s against 0.08 s).
+        with _torch_threads(1):
+            for _, case, _, expected in items:
+                expected(case)
+        for op, case, check, _ in items:
             try:
                 check(backend, case, device)
             except Exception as error:  # noqa: BLE001 - a backend that raises fails, whatever it raised
@@ -427,16 +461,24 @@ def run(backend: Backend, device: torch.device, level: str = "quick") -> Verdict
     return Verdict(backend.name, key, True, count, time.perf_counter() - start)
 
 
-class _default_dtype:
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
-    def __enter__(self):
-        self.saved = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
 
-    def __exit__(self, *exc):
-        torch.set_default_dtype(self.saved)
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 _verdicts: dict[tuple[str, str], Verdict] = {}
@@ -465,5 +507,6 @@ def forget() -> None:
     of each backend tests it again, from scratch."""
     with _lock:
         _verdicts.clear()
-        for cached in (merge_inputs, merge_expected, density_inputs, pack_inputs):
+        for cached in (merge_inputs, merge_expected, uniforms_expected, density_inputs, density_expected,
+                       pack_inputs, pack_expected):
             cached.cache_clear()
