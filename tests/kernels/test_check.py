@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ def run_check(*arguments: str, **environment: str) -> subprocess.CompletedProces
     env.update(environment)
     # From a temporary folder, so that the installed package is what runs.
     return subprocess.run([sys.executable, "-m", "smat_kernels.check", *arguments], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=os.path.dirname(os.path.abspath(os.sep)))
+                          env=env, timeout=600, cwd=tempfile.gettempdir())
 
 
 @pytest.fixture(scope="module")
