@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validation as check
 from . import dispatch, reference
-from .packed import PackedExperts, bitmap_words, expert_bits_dtype
+from .packed import PackedExperts, bitmap_words, check_packed, expert_bits_dtype
 
 # --------------------------------------------------------------------------
 # merge
@@ -277,7 +277,7 @@ def packed_merge(theta_pre: Tensor, packed: PackedExperts, alpha: Tensor, *, bac
     Returns:
         [B, N] in θ's dtype (not differentiable).
     """
-    check.check_packed(packed)
+    check_packed(packed)
     check.check_tensor("theta_pre", theta_pre, dims=1, dtypes=check.THETA_DTYPES)
     if theta_pre.shape[0] != packed.n:
         raise ValueError(f"theta_pre has N = {theta_pre.shape[0]} elements but the packed experts were made "

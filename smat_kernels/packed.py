@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from . import _validation as check
 
@@ -59,7 +61,7 @@ class PackedExperts:
     rounded: int
 
     def __post_init__(self):
-        check.check_packed_structure(self)
+        check_packed_structure(self)
 
     @property
     def support_size(self) -> int:
@@ -105,11 +107,11 @@ class PackedExperts:
         missing = sorted(set(STATE_KEYS) - set(state))
         if missing:
             raise ValueError(f"not a PackedExperts state: {', '.join(missing)} missing (it holds "
-                             f"{', '.join(sorted(map(str, state))) or 'nothing'}); {check.PACKED_FIX}")
+                             f"{', '.join(sorted(map(str, state))) or 'nothing'}); {PACKED_FIX}")
         shape = check.check_tensor("PackedExperts state 'shape'", state["shape"], dims=1, dtypes=(torch.int64,))
         if shape.shape != (3,) or shape.device.type == "meta":
             raise ValueError(f"PackedExperts state 'shape' must hold [n, num_experts, rounded], got "
-                             f"{tuple(shape.shape)} on {shape.device}; {check.PACKED_FIX}")
+                             f"{tuple(shape.shape)} on {shape.device}; {PACKED_FIX}")
         n, num_experts, rounded = (int(v) for v in shape.tolist())
         packed = cls(
             n=n,
@@ -120,22 +122,17 @@ class PackedExperts:
             delta=state["delta"],
             rounded=rounded,
         )
-        check.check_packed_contents(packed)
+        check_packed_contents(packed)
         return packed
 
     def save(self, path: str | Path) -> None:
         """Write the packed experts to a safetensors file."""
-        from safetensors.torch import save_file
-
         save_file({name: tensor.contiguous().cpu() for name, tensor in self.state_dict().items()}, str(path))
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> PackedExperts:
         """Read a file written by :meth:`save`, checked as by
         :meth:`from_state_dict`; a damaged file is a ``ValueError``."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path), device=str(device))
         except SafetensorError as error:
@@ -143,3 +140,91 @@ class PackedExperts:
                              f"damaged: write it again with PackedExperts.save") from None
         return cls.from_state_dict(state)
 
+
+# --------------------------------------------------------------------------
+# Packed experts: every field is checked before a pointer reaches a kernel,
+# which trusts the offsets and the bitmap to stay inside the packed buffers.
+# --------------------------------------------------------------------------
+
+PACKED_FIX = "re-create it with smat_kernels.pack, or load it with PackedExperts.load / from_state_dict"
+
+
+def check_count(name: str, value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"PackedExperts.{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"PackedExperts.{name} must be ≥ {minimum}, got {value}")
+    return value
+
+
+def check_packed_tensor(name: str, value, dtypes: tuple[torch.dtype, ...], length: int | None) -> torch.Tensor:
+    check.check_tensor(f"PackedExperts.{name}", value, dims=1, dtypes=dtypes)
+    if length is not None and value.shape[0] != length:
+        raise ValueError(f"PackedExperts.{name} has {value.shape[0]} entries but must have {length}: "
+                         f"the packed experts are inconsistent; {PACKED_FIX}")
+    return value
+
+
+def check_packed_structure(packed) -> None:
+    """Types, dtypes, shapes, contiguity and device of every field: metadata
+    only, no data is read (cheap, and runs at construction)."""
+    n = check_count("n", packed.n, minimum=0)
+    num_experts = check_count("num_experts", packed.num_experts, minimum=1)
+    check.check_num_experts(num_experts, "PackedExperts")
+    check_count("rounded", packed.rounded, minimum=0)
+    words = bitmap_words(n)
+    check_packed_tensor("support_bitmap", packed.support_bitmap, (torch.int32,), words)
+    check_packed_tensor("word_offsets", packed.word_offsets, (torch.int64,), words + 1)
+    check_packed_tensor("delta", packed.delta, check.THETA_DTYPES, None)
+    check_packed_tensor("expert_bits", packed.expert_bits, (expert_bits_dtype(num_experts),), packed.delta.shape[0])
+    check.check_same_device(delta=packed.delta, support_bitmap=packed.support_bitmap, word_offsets=packed.word_offsets,
+                      expert_bits=packed.expert_bits)
+
+
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word, as int64 (SWAR; torch has no popcount)."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def check_packed_contents(packed) -> None:
+    """The offsets and counts agree with the bitmap: word_offsets[0] = 0, each
+    word's offset step is its popcount, the last offset is the support size,
+    no bit is set past element N, and no expert bit past M. Reads the data
+    (one host synchronisation on a GPU); skipped for meta tensors, which hold
+    none."""
+    if packed.delta.device.type == "meta":
+        return
+    bitmap, offsets, bits = packed.support_bitmap, packed.word_offsets, packed.expert_bits
+    tail_lanes = packed.n % 32
+    padding = (bitmap[-1:].to(torch.int64) & 0xFFFFFFFF) >> tail_lanes if tail_lanes else bitmap.new_zeros(0)
+    unsigned_bits = bits.to(torch.int64) & ((1 << (8 * bits.element_size())) - 1)
+    facts = torch.stack([
+        offsets[0] != 0,
+        (padding != 0).any(),
+        (offsets[1:] - offsets[:-1] != popcount32(bitmap)).any(),
+        offsets[-1] != packed.delta.shape[0],
+        (unsigned_bits >> packed.num_experts != 0).any(),
+    ]).tolist()
+    problems = (
+        f"word_offsets[0] must be 0, got {int(offsets[0])}",
+        f"support_bitmap has bits set past element N = {packed.n}",
+        "word_offsets do not match the bitmap: each step must be the number of set bits of its bitmap word",
+        f"word_offsets end at {int(offsets[-1])} but delta holds {packed.delta.shape[0]} support elements",
+        f"expert_bits has bits set for experts ≥ M = {packed.num_experts}",
+    )
+    for failed, problem in zip(facts, problems):
+        if failed:
+            raise ValueError(f"invalid PackedExperts: {problem}; {PACKED_FIX}")
+
+
+def check_packed(packed) -> None:
+    """Everything a packed merge relies on, re-checked at each call because
+    the tensors may have been changed in place since construction."""
+    if not isinstance(packed, PackedExperts):
+        raise TypeError(f"packed must be a PackedExperts from smat_kernels.pack, got {type(packed).__name__}")
+    check_packed_structure(packed)
+    check_packed_contents(packed)
