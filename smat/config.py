@@ -1,8 +1,11 @@
 """Run configuration: nested dataclasses, read from YAML, overridden by ``key=value``.
 
-``load_config(path, overrides)`` starts from the defaults below (the built-in
-default run), applies a YAML file of the same shape, then command-line
-overrides such as ``train.tau=0.95`` or ``model.backbone=vit_small_patch16_224.dino``.
+``load_config(paths, overrides)`` starts from the defaults below (the built-in
+default run), applies one or more YAML files of the same shape in order (a
+later file overrides an earlier one; a file may name the files it builds on
+with ``base:``), then command-line overrides such as ``train.tau=0.95`` or
+``model.backbone=vit_small_patch16_224.dino``. The files applied are recorded
+in ``config_files``, so a run's ``config.yaml`` says what it was composed of.
 :func:`validate` checks the whole config before any work starts and raises
 one :class:`ConfigError` naming every problem and how to fix it.
 """
@@ -25,6 +28,11 @@ import yaml
 # "without interpolation": every expert has its own delta, masked by its own mask).
 METHODS = ("smat", "pretrained", "pmf", "softmerge", "smat_independent")
 NOISE_MODES = ("sample", "near_noiseless")
+# the recipe options (README, "Recipe options"): each first value is ours, the second the authors' code's
+KD_DIRECTIONS = ("teacher_student", "student_teacher")  # KL(teacher‖student) (Hinton) or KL(student‖teacher)
+TEACHER_STARTS = ("before_support_step", "after_support_step")
+LR_SCHEDULES = ("steps", "epochs")
+PMF_HEADS = ("learnable", "fixed")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASK_PARALLEL = ("auto", "loop", "vmap")
 SOURCES = ("builtin", "folder", "h5")
@@ -64,6 +72,9 @@ class ModelConfig:
     hyper_heads: int = 4
     hyper_mlp_ratio: float = 2.0
     protonet_scale: float = 10.0
+    # PMF's cosine head: 'learnable' scale (init protonet_scale) and bias (init 0), logits = scale·(cos + bias),
+    # meta-trained with δ as in PMF's code; 'fixed': scale protonet_scale, bias 0. Other methods: always fixed.
+    pmf_head: str = "learnable"
     backend: str | None = None  # smat_kernels backend: None (automatic), reference, cpu, cuda, triton
 
 
@@ -76,6 +87,8 @@ class PretrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
+    warmup_fraction: float = 0.05
+    held_out_per_class: int = 2  # images of every class kept out of training to measure the accuracy
 
 
 @dataclass
@@ -84,6 +97,13 @@ class DataConfig:
     root: str | None = None  # for folder and h5 sources
     train_domains: list[str] | None = None  # None: the source's ID domains
     test_domains: list[str] | None = None  # None: ID and OOD domains
+    # folder sources: a splits JSON as ImageFolderSource reads it ({"<domain>": {"train": [...], ...}}),
+    # and domains that are test-only (OOD): every class tested, none trained on
+    splits: str | None = None
+    test_only: list[str] = field(default_factory=list)
+    # image folders whose domains are added to the test domains as OOD, every class tested
+    # (python -m smat.evaluate --folder DIR); <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image>
+    test_folders: list[str] = field(default_factory=list)
     protocol: str = "fixed"  # fixed N-way K-shot, or Meta-Dataset's variable way and shot
     n_way: int = 5
     k_shot: int = 5
@@ -133,6 +153,12 @@ class TrainConfig:
     ce_weight: float = 0.75  # β in β·CE + (1 − β)·KD
     kd_temperature: float = 2.0
     kd_pretrained_share: float = 0.0  # reference code: 0.5 of the KD term goes to the pre-trained model
+    # KL(teacher‖student) as Hinton et al. and the paper's "distil the teacher into the student"; the
+    # reference code computes KL(student‖teacher) (student_teacher)
+    kd_direction: str = "teacher_student"
+    # the dense teacher's K steps start from θ_i (Algorithm 1: sg(θ_i)); the reference code starts them
+    # from θ_i' after the support step (after_support_step)
+    teacher_start: str = "before_support_step"
     noise: str = "sample"  # hard-concrete samples, or the reference code's near_noiseless
     lambda_lr: float = 0.03
     # judge each expert's sparsity constraint on 'expected' (E[L0]/N, the paper) or 'hard' (the
@@ -149,6 +175,16 @@ class TrainConfig:
     hyper_penalty: float = 1e-4
     temperature: TemperatureSchedule = field(default_factory=TemperatureSchedule)
     warmup_fraction: float = 0.05
+    # 'steps': linear warm-up over warmup_fraction of the steps, then cosine to 0 at the last step. 'epochs':
+    # the reference code's schedule, set once per epoch: warm-up from 0 over warmup_epochs, then cosine over
+    # a horizon of schedule_epochs (50 there, for 25 epochs of training: the rate ends near 0.59 of its peak)
+    lr_schedule: str = "steps"
+    warmup_epochs: int = 5
+    schedule_epochs: int = 50
+    # the reference code runs its first epoch at lr 1e-6 for θ_δ, the masks and λ (None: no such epoch)
+    first_epoch_lr: float | None = None
+    # λ's learning rate follows the schedule of θ_δ (the reference code: λ is a group of θ_δ's optimiser)
+    lambda_schedule: bool = False
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, else fp16 on GPU, fp32 on CPU
     task_parallel: str = "auto"  # run the B tasks' backbones in a loop or under torch.func.vmap
     val_episodes: int = 20  # fixed validation episodes per training domain, every epoch
@@ -170,6 +206,7 @@ class Config:
     output: str = "runs/builtin"
     device: str = "auto"  # auto: cuda when available
     keep_checkpoints: int = 2
+    config_files: list[str] = field(default_factory=list)  # the YAML files applied, in order (load_config)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -243,24 +280,47 @@ def parse_override(text: str) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides=()) -> Config:
+def load_config(paths=None, overrides=()) -> Config:
+    """The defaults, then each YAML file of ``paths`` (one path, a list, or None) in order, then ``overrides``.
+
+    A file's ``base:`` (a path or a list, relative to the file) is applied before the file itself, so an
+    overlay can say what it builds on; a later file overrides an earlier one, key by key."""
     config = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            bundled = Path(__file__).resolve().parent.parent / "configs" / path
-            raise ConfigError(f"config file {path} does not exist"
-                              + (f" (a bundled one is at {bundled})" if bundled.is_file() else ""))
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
-        merge_values(config, values, "")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in paths or ():
+        _apply_file(config, Path(path), ())
     for text in overrides:
         merge_values(config, parse_override(text), "")
     return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        bundled = Path(__file__).resolve().parent.parent / "configs" / path
+        raise ConfigError(f"config file {path} does not exist"
+                          + (f" (a bundled one is at {bundled})" if bundled.is_file() else ""))
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return values
+
+
+def _apply_file(config: Config, path: Path, chain: tuple[Path, ...]) -> None:
+    """Merge ``path`` (after its bases) into ``config``; ``chain``: the files whose ``base:`` led here."""
+    if path.resolve() in chain:
+        raise ConfigError("config files name each other as base: "
+                          + " → ".join(str(p) for p in (*chain, path.resolve())))
+    values = _read_yaml(path)
+    bases = values.pop("base", None) or []
+    for base in [bases] if isinstance(bases, str) else bases:
+        _apply_file(config, path.parent / base, (*chain, path.resolve()))
+    applied = values.pop("config_files", None) or []  # a run's config.yaml read back as a config file
+    merge_values(config, values, "")
+    config.config_files = [*config.config_files, *applied, str(path)]
 
 
 def from_dict(values: dict) -> Config:
@@ -336,6 +396,7 @@ def validate(config: Config) -> Config:
         problems.append(f"data.source={data.source} needs data.root=PATH (the folder holding the domains)")
     if data.root and not Path(data.root).expanduser().is_dir():
         problems.append(f"data.root={data.root} is not a folder; point it at the dataset's root")
+    _check_folder_domains(problems, data)
     if model.weights and not Path(model.weights).expanduser().is_file():
         problems.append(f"model.weights={model.weights} does not exist; give the path of a .safetensors or "
                         f".pth file, or leave it empty to use the built-in cache or timm's cache")
@@ -351,9 +412,54 @@ def validate(config: Config) -> Config:
         problem = _unknown_timm_model(model.backbone)
         if problem:
             problems.append(problem)
+    _check_recipe_options(problems, config)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def _check_recipe_options(problems: list[str], config: Config) -> None:
+    """The recipe options (README, "Recipe options") and PMF's head."""
+    train = config.train
+    _choice(problems, "train.kd_direction", train.kd_direction, KD_DIRECTIONS)
+    _choice(problems, "train.teacher_start", train.teacher_start, TEACHER_STARTS)
+    _choice(problems, "train.lr_schedule", train.lr_schedule, LR_SCHEDULES)
+    _choice(problems, "model.pmf_head", config.model.pmf_head, PMF_HEADS)
+    _positive(problems, "train.warmup_epochs", train.warmup_epochs, integer=True, zero=True)
+    _positive(problems, "train.schedule_epochs", train.schedule_epochs, integer=True)
+    if train.lr_schedule == "epochs" and train.schedule_epochs <= train.warmup_epochs:
+        problems.append(f"train.schedule_epochs ({train.schedule_epochs}) must exceed train.warmup_epochs "
+                        f"({train.warmup_epochs}): the cosine runs between them")
+    if train.first_epoch_lr is not None:
+        try:  # YAML reads 1e-6 (no dot) as a string
+            train.first_epoch_lr = float(train.first_epoch_lr)
+            _positive(problems, "train.first_epoch_lr", train.first_epoch_lr, zero=True)
+        except (TypeError, ValueError):
+            problems.append(f"train.first_epoch_lr must be a number or null; got {train.first_epoch_lr!r}")
+
+
+def _check_folder_domains(problems: list[str], data: DataConfig) -> None:
+    """data.splits, data.test_only and data.test_folders: files and folders that exist, lists of names."""
+    if data.splits is not None:
+        if data.source != "folder":
+            problems.append(f"data.splits applies to data.source=folder (a splits JSON of image folder domains); "
+                            f"got data.source={data.source}")
+        elif not Path(data.splits).expanduser().is_file():
+            problems.append(f"data.splits={data.splits} is not a file; give a JSON file "
+                            '{"<domain>": {"train": [classes], "val": [...], "test": [...]}}')
+    if not all(isinstance(name, str) for name in data.test_only):
+        problems.append(f"data.test_only must be a list of domain names; got {data.test_only!r}")
+    elif data.test_only and data.source != "folder":
+        problems.append(f"data.test_only marks image folder domains as OOD; it needs data.source=folder "
+                        f"(got {data.source}); for extra folders next to another source use data.test_folders")
+    trained = sorted(set(data.test_only) & set(data.train_domains or ()))
+    if trained:
+        problems.append(f"data.test_only domains {trained} are also in data.train_domains; a test-only domain is "
+                        f"never trained on: remove it from one of the two")
+    for folder in data.test_folders:
+        if not isinstance(folder, str) or not Path(folder).expanduser().is_dir():
+            problems.append(f"data.test_folders: {folder!r} is not a folder; give <dir>/<domain>/<class>/<image> "
+                            f"or <dir>/<class>/<image>")
 
 
 def _unknown_timm_model(name: str) -> str | None:

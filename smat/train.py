@@ -32,7 +32,9 @@ from .training import Trainer, TrainingError
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m smat.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/); default: the built-in default run")
+    parser.add_argument("--config", action="append", help="YAML config (see configs/); repeat it to compose: a "
+                        "later file overrides an earlier one (e.g. a ViT config, then an overlay from "
+                        "configs/ablations/); default: the built-in default run")
     parser.add_argument("--resume", action="store_true", help="continue the run in `output` from its latest "
                         "checkpoint")
     parser.add_argument("--skip-eval", action="store_true", help="meta-train only; no test evaluation or report")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
-from smat.config import BuiltinArch, ConfigError, ModelConfig, load_config, validate
+from smat.config import BuiltinArch, ConfigError, ModelConfig, load_config, to_yaml, validate
 from smat.model.backbone import create_backbone, create_builtin, load_weights
-from smat.train import main
+from smat.train import main, parse_args
 
 
 def test_overrides_set_nested_keys_with_the_defaults_types():
@@ -140,3 +141,91 @@ def test_every_shipped_config_is_valid(path, tmp_path):
     config = load_config(path, [])
     overrides = [f"data.root={tmp_path}"] if config.data.source in ("h5", "folder") else []
     validate(load_config(path, overrides))
+
+
+# ---------------------------------------------------------------- composition: base configs and overlays
+
+CONFIG_ROOT = Path(__file__).parents[1] / "configs"
+BASES = [CONFIG_ROOT / "builtin.yaml", CONFIG_ROOT / "vit_small_dino_metadataset.yaml",
+         CONFIG_ROOT / "vit_base_dino_metadataset.yaml"]
+OVERLAYS = sorted([*(CONFIG_ROOT / "ablations").glob("*.yaml"), *(CONFIG_ROOT / "baselines").glob("*.yaml"),
+                   *(CONFIG_ROOT / "presets").glob("*.yaml")])
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} → {'a.b': 1}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(before: dict, after: dict) -> set[str]:
+    before, after = flatten(before), flatten(after)
+    return {key for key in before if before[key] != after[key]} - {"config_files"}
+
+
+def test_a_vit_config_with_an_ablation_overlay_is_the_vit_config_with_that_one_change():
+    base = CONFIG_ROOT / "vit_small_dino_metadataset.yaml"
+    overlay = CONFIG_ROOT / "ablations" / "no_dense_teacher.yaml"
+    alone, composed = load_config(base).to_dict(), load_config([base, overlay]).to_dict()
+    assert changed_keys(alone, composed) == {"train.teacher_steps"}
+    assert composed["train"]["teacher_steps"] == 0
+    assert composed["config_files"] == [str(base), str(overlay)]
+    # every other value is the ViT-S run's, not the built-in toy's
+    assert composed["model"]["backbone"] == "vit_small_patch16_224.dino" and composed["train"]["epochs"] == 25
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[f"{p.parent.name}/{p.stem}" for p in OVERLAYS])
+@pytest.mark.parametrize("base", BASES, ids=[p.stem for p in BASES])
+def test_every_overlay_on_every_base_changes_only_its_keys_and_validates(base, overlay, tmp_path):
+    named = flatten(yaml.safe_load(overlay.read_text()))
+    alone, composed = load_config(base), load_config([base, overlay], [f"data.root={tmp_path}"])
+    changed = changed_keys(alone.to_dict(), composed.to_dict()) - {"data.root"}
+    assert changed <= set(named), f"{overlay.name} changed {changed - set(named)}, which it does not name"
+    flat = flatten(composed.to_dict())
+    assert {key: flat[key] for key in named} == named
+    assert "output" not in named  # each row's output folder is named on the command line
+    validate(composed)
+
+
+def test_a_file_names_its_base_and_later_files_override_earlier_ones(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  tau: 0.8\n  epochs: 3\n")
+    (tmp_path / "row.yaml").write_text("base: base.yaml\ntrain:\n  tau: 0.95\n")
+    (tmp_path / "last.yaml").write_text("train:\n  epochs: 7\n")
+    config = load_config([tmp_path / "row.yaml", tmp_path / "last.yaml"], ["train.meta_batch=2"])
+    assert (config.train.tau, config.train.epochs, config.train.meta_batch) == (0.95, 7, 2)
+    assert config.config_files == [str(tmp_path / n) for n in ("base.yaml", "row.yaml", "last.yaml")]
+
+
+def test_a_circle_of_bases_is_a_config_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="name each other as base"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_a_run_config_read_back_keeps_the_files_it_was_composed_of(tmp_path):
+    composed = load_config([BASES[1], CONFIG_ROOT / "presets" / "authors_code.yaml"])
+    (tmp_path / "config.yaml").write_text(to_yaml(composed))
+    again = load_config(tmp_path / "config.yaml")
+    assert again.config_files == [*composed.config_files, str(tmp_path / "config.yaml")]
+    assert again.train.kd_direction == "student_teacher" and again.to_dict()["train"] == composed.to_dict()["train"]
+
+
+def test_the_train_command_takes_several_config_files():
+    args = parse_args(["--config", "a.yaml", "train.tau=0.9", "--config", "b.yaml"])
+    assert args.config == ["a.yaml", "b.yaml"] and args.overrides == ["train.tau=0.9"]
+
+
+def test_recipe_options_are_checked():
+    with pytest.raises(ConfigError) as error:
+        validate(load_config(None, ["train.kd_direction=backwards", "train.teacher_start=never",
+                                    "train.lr_schedule=hourly", "model.pmf_head=x", "train.first_epoch_lr=abc"]))
+    for name in ("train.kd_direction", "train.teacher_start", "train.lr_schedule", "model.pmf_head",
+                 "train.first_epoch_lr"):
+        assert name in str(error.value)
+    assert validate(load_config(None, ["train.first_epoch_lr=1e-6"])).train.first_epoch_lr == 1e-6
