@@ -10,6 +10,9 @@ Ops (see each docstring for shapes and dtypes):
 Backends: ``reference`` (plain PyTorch), ``cpu`` (C++/OpenMP), ``cuda`` and
 ``triton``; chosen by device, or forced with ``backend=`` or the
 ``SMAT_BACKEND`` environment variable. ``backends()`` tells which can run here.
+A compiled backend serves no call on a device before it has passed its
+self-test there (``selftest.py``; ``SMAT_SELFTEST=0`` turns it off), and
+``python -m smat_kernels.check`` reports the whole stack.
 """
 
 from __future__ import annotations
