@@ -22,6 +22,8 @@ from typing import Any
 import timm
 import yaml
 
+from smat_kernels.dispatch import BACKEND_CLASSES
+
 # smat: the paper's method. Baselines (smat/baselines.py): pretrained (no meta-tuning), pmf (all parameters
 # meta-tuned with ProtoNet), softmerge (M dense experts merged by a learned soft router, SMEAR-style; with
 # model.expert_patterns on the MLP layers it is Table 2's "fixed MLP experts"), smat_independent (Table 2's
@@ -345,6 +347,10 @@ def _choice(problems, name, value, allowed):
 
 
 def _positive(problems, name, value, integer=False, zero=False):
+    if not _is_number(value):  # None (an empty override) or a string: no comparison would be meaningful
+        problems.append(f"{name} must be a {'non-negative' if zero else 'positive'} "
+                        f"{'integer' if integer else 'number'}; got {value!r}")
+        return
     bad = (value < 0 if zero else value <= 0) or (integer and int(value) != value) or not math.isfinite(value)
     if bad:
         kind = "integer" if integer else "number"
@@ -353,7 +359,9 @@ def _positive(problems, name, value, integer=False, zero=False):
 
 def validate(config: Config) -> Config:
     """Raise one ConfigError listing every problem; return the config unchanged when it is sound."""
-    problems: list[str] = []
+    problems: list[str] = _wrong_types(config, Config())
+    if problems:  # every check below assumes the default's type
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     model, train, data = config.model, config.train, config.data
     _choice(problems, "method", config.method, METHODS)
     _choice(problems, "train.noise", train.noise, NOISE_MODES)
@@ -413,9 +421,95 @@ def validate(config: Config) -> Config:
         if problem:
             problems.append(problem)
     _check_recipe_options(problems, config)
+    _check_run_options(problems, config)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _wrong_types(config, defaults, where: str = "") -> list[str]:
+    """Every value whose type differs from its default's (a number, a flag, a name, a list), e.g. the None of
+    an empty override ``train.epochs=``; fields whose default is None may hold anything (checked below)."""
+    problems = []
+    for spec in dataclasses.fields(defaults):
+        name, value, default = where + spec.name, getattr(config, spec.name), getattr(defaults, spec.name)
+        if dataclasses.is_dataclass(default):
+            problems += _wrong_types(value, default, name + ".")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                problems.append(f"{name} must be true or false; got {value!r}")
+        elif isinstance(default, int):
+            if not (_is_number(value) and float(value).is_integer()):
+                problems.append(f"{name} must be an integer; got {value!r}")
+        elif isinstance(default, float):
+            if not _is_number(value):
+                problems.append(f"{name} must be a number; got {value!r}")
+        elif isinstance(default, str):
+            if not isinstance(value, str) or (default and not value):
+                problems.append(f"{name} must be a non-empty string; got {value!r}")
+        elif isinstance(default, list) and not isinstance(value, list):
+            problems.append(f"{name} must be a list; got {value!r}")
+    return problems
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+def _check_run_options(problems: list[str], config: Config) -> None:
+    """Values that would otherwise pass here and fail later, after the output folder was made: the device,
+    the kernel backend, seeds, counts, the pre-training, the temperature schedule, the model's sizes and
+    the augmentation."""
+    model, data, arch = config.model, config.data, config.model.builtin
+    device = config.device
+    if not (device in ("auto", "cpu", "cuda")
+            or (device.startswith("cuda:") and device.removeprefix("cuda:").isdigit())):
+        problems.append(f"device={device!r}: smat runs on {DEVICE_NAMES}")
+    if model.backend is not None and model.backend not in BACKEND_CLASSES:
+        problems.append(f"model.backend={model.backend!r} is not a smat_kernels backend; use one of "
+                        f"{', '.join(BACKEND_CLASSES)}, or leave it empty for the automatic choice")
+    for name, value in (("seed", config.seed), ("evaluate.seed", config.evaluate.seed),
+                        ("data.num_workers", data.num_workers)):
+        _positive(problems, name, value, integer=True, zero=True)
+    _positive(problems, "keep_checkpoints", config.keep_checkpoints, integer=True)
+    for name in ("epochs", "batch_size"):
+        _positive(problems, f"pretrain.{name}", getattr(config.pretrain, name), integer=True)
+    _positive(problems, "pretrain.lr", config.pretrain.lr)
+    _positive(problems, "pretrain.weight_decay", config.pretrain.weight_decay, zero=True)
+    if not 0.0 <= config.pretrain.label_smoothing < 1.0:
+        problems.append(f"pretrain.label_smoothing must be in [0, 1); got {config.pretrain.label_smoothing}")
+    temperature = config.train.temperature
+    for name in ("start", "end", "tasks_per_unit"):
+        _positive(problems, f"train.temperature.{name}", getattr(temperature, name))
+    if temperature.end > temperature.start:
+        problems.append(f"train.temperature.end ({temperature.end}) must not exceed train.temperature.start "
+                        f"({temperature.start}): the temperature falls from start to end")
+    for name in ("hyper_tokens", "hyper_heads"):
+        _positive(problems, f"model.{name}", getattr(model, name), integer=True)
+    for name in ("hyper_mlp_ratio", "protonet_scale"):
+        _positive(problems, f"model.{name}", getattr(model, name))
+    _positive(problems, "model.log_alpha_init_std", model.log_alpha_init_std, zero=True)
+    if not math.isfinite(model.log_alpha_init_mean):
+        problems.append(f"model.log_alpha_init_mean must be finite; got {model.log_alpha_init_mean}")
+    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        _positive(problems, f"model.builtin.{name}", getattr(arch, name), integer=True)
+    _positive(problems, "model.builtin.mlp_ratio", arch.mlp_ratio)
+    if not model.expert_patterns or not all(isinstance(p, str) and p for p in model.expert_patterns):
+        problems.append(f"model.expert_patterns must be a non-empty list of parameter name patterns (e.g. "
+                        f"['*'] or ['blocks.*.mlp.*']); got {model.expert_patterns!r}")
+    scale = data.train_crop_scale
+    if not (len(scale) == 2 and all(_is_number(v) for v in scale) and 0.0 < scale[0] <= scale[1] <= 1.0):
+        problems.append(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1; got {scale!r}")
+    _positive(problems, "data.train_jitter", data.train_jitter, zero=True)
+    for name in ("train_domains", "test_domains"):
+        domains = getattr(data, name)
+        if domains is not None and not (isinstance(domains, list) and domains
+                                        and all(isinstance(d, str) and d for d in domains)):
+            problems.append(f"data.{name} must be a non-empty list of domain names, or empty for the "
+                            f"source's default; got {domains!r}")
 
 
 def _check_recipe_options(problems: list[str], config: Config) -> None:

@@ -51,20 +51,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run folders written by `python -m smat.train` (their best checkpoint is used)")
     parser.add_argument("--datasets", nargs="+", metavar="DOMAIN", help="test domains (default: the runs' "
                         "data.test_domains, else every ID and OOD domain of the source)")
-    parser.add_argument("--mode", nargs="+", default=["protonet"], choices=MODES,
+    # no argparse choices: they would be checked before the overrides that follow the modes are set apart
+    parser.add_argument("--mode", nargs="+", default=["protonet"], metavar="{" + ",".join(MODES) + "}",
                         help="protonet: no adaptation; select: Algorithm 2; full: Algorithm 3; lora: LoRA")
     parser.add_argument("--episodes", type=int, metavar="N", help="test episodes per domain (evaluate.episodes)")
     parser.add_argument("--output", metavar="DIR", help="where the tables go (default: <first run>/evaluation)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides (data.n_way=5, device=cpu) and adaptation options (adapt.steps=50)")
     args = parser.parse_intermixed_args(argv)
-    # `--checkpoint RUN key=value`: nargs="+" swallows the overrides that follow a list option
-    for name in ("checkpoint", "datasets"):
+    # `--checkpoint RUN key=value`, `--mode full lora adapt.steps=20`: nargs="+" swallows the overrides that
+    # follow a list option
+    for name in ("checkpoint", "datasets", "mode"):
         values = getattr(args, name) or []
         args.overrides = [v for v in values if OVERRIDE.match(v) and not Path(v).exists()] + args.overrides
         setattr(args, name, [v for v in values if not (OVERRIDE.match(v) and not Path(v).exists())] or None)
     if not args.checkpoint:
         parser.error("--checkpoint needs at least one run folder")
+    if not args.mode:
+        parser.error(f"--mode needs at least one of {', '.join(MODES)}")
+    unknown = [mode for mode in args.mode if mode not in MODES]
+    if unknown:
+        parser.error(f"--mode: invalid choice: {', '.join(map(repr, unknown))} (choose from {', '.join(MODES)})")
     if args.episodes is not None and args.episodes < 1:
         parser.error(f"--episodes must be a positive integer; got {args.episodes}")
     return args

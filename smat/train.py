@@ -10,23 +10,40 @@ against the pre-trained backbone, and write a report. Options:
 ``key=value`` overrides any config entry (``train.tau=0.95``, ``output=runs/x``).
 Under ``torchrun --nproc_per_node K`` the tasks of each meta-batch are split
 over the K processes.
+
+A run folder belongs to one run and never changes meaning. Every check
+(config, device, folder) passes before anything is written into it; while
+training, the main process holds the folder's lock (smat.runtime.lock), so a
+second training into it is refused with the holder's PID and host. A folder
+that holds any checkpoint is never started anew. ``--resume`` continues with
+the run's own ``config.yaml``; overrides may change only what cannot change
+the experiment (:data:`RESUMABLE`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, load_config, validate
+from .config import Config, ConfigError, load_config, merge_values, parse_override, validate
 from .data import DataError
 from .evaluation.report import evaluate_and_report
+from .evaluation.runs import read_run_config
 from .runtime import checkpoint, distributed
 from .runtime.device import resolve_device
-from .runtime.io import OutputError, ensure_writable_dir, save_config
+from .runtime.io import OutputError, describe_os_error, ensure_writable_dir, save_config
+from .runtime.lock import RunLock, describe_stale
 from .training import Trainer, TrainingError
+
+# what a resume may change: where and how fast it runs, and what its evaluation does, never what it trains
+# (a key ending in '.' stands for its whole section); config_files records the YAML files of the start
+RESUMABLE = ("device", "output", "data.num_workers", "keep_checkpoints", "evaluate.", "config_files")
 
 
 def parse_args(argv=None):
@@ -42,21 +59,86 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)
 
 
-def prepare(args) -> tuple[Config, Path]:
-    config = validate(load_config(args.config, args.overrides))
-    run = Path(config.output).expanduser()
-    latest = checkpoint.checkpoint_dir(run) / "latest"
-    if latest.exists() and not args.resume:
+def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
+    """Every check before anything is written: the config, the device, the folder (new or resumable), then
+    the folder's lock (main process only) and a re-check under it. Returns (config, run, device, whether a
+    checkpoint is restored, the lock)."""
+    requested = load_config(args.config, args.overrides)
+    run = Path(requested.output).expanduser()
+    config = resumed_config(args, requested, run) if args.resume else validate(requested)
+    check_folder(run, args.resume)
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.train.meta_batch % world_size:
+        raise ConfigError(f"train.meta_batch ({config.train.meta_batch}) must be divisible by the number of "
+                          f"processes ({world_size})")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return config, run, device, args.resume and checkpoint.has_checkpoints(run), None
+    run = ensure_writable_dir(run)
+    lock = RunLock(run).acquire()
+    try:
+        check_folder(run, args.resume)  # again, under the lock: another process may have started it meanwhile
+        checkpoint.remove_temporaries(run)
+    except BaseException:
+        lock.release()
+        raise
+    return config, run, device, args.resume and checkpoint.has_checkpoints(run), lock
+
+
+def check_folder(run: Path, resume: bool) -> None:
+    if not resume and checkpoint.has_checkpoints(run):
         raise ConfigError(f"{run} already holds a run; resume it with --resume, or choose another folder with "
                           f"output=PATH")
-    return config, ensure_writable_dir(run)
+    if resume and not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} holds no run to resume (no config.yaml); start one without --resume")
+
+
+def resumed_config(args, requested: Config, run: Path) -> Config:
+    """The run's own config.yaml with the command line's resumable changes; any other change is refused."""
+    saved = read_run_config(run)
+    if args.config:  # the original command again: its files and overrides must give the run's config
+        resumed = requested
+    else:
+        resumed = copy.deepcopy(saved)
+        for text in args.overrides:
+            merge_values(resumed, parse_override(text), "")
+    resumed.output = requested.output
+    changed = [f"{key} ({before!r} → {after!r})" for key, (before, after) in differences(saved, resumed).items()
+               if not key.startswith(tuple(k for k in RESUMABLE if k.endswith("."))) and key not in RESUMABLE]
+    if changed:
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE if k != "config_files")
+        raise ConfigError(f"--resume continues {run} with its own config ({run / 'config.yaml'}); this would "
+                          f"change the experiment: {', '.join(changed)}. A resume may change only {allowed}; "
+                          f"to train another config, start a new run with output=ANOTHER_FOLDER")
+    return validate(resumed)
+
+
+def differences(before: Config, after: Config) -> dict[str, tuple]:
+    """{dotted key: (before, after)} of every value that differs."""
+    flat_before, flat_after = _flatten(before.to_dict()), _flatten(after.to_dict())
+    return {key: (flat_before.get(key), flat_after.get(key)) for key in sorted(flat_before.keys() | flat_after)
+            if flat_before.get(key) != flat_after.get(key)}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def train(config: Config, run: Path, device: torch.device, world: distributed.World, log=print,
           resume: bool = False, evaluate: bool = True) -> Trainer | None:
     """Meta-train ``config.method`` into ``run`` (from its latest checkpoint when ``resume``), then evaluate
     the best checkpoint against the pre-trained backbone and write the report. Returns the trainer (None on a
-    process that had nothing to do)."""
+    process that had nothing to do).
+
+    Nothing is written into ``run`` before the model and data are built and a resumed checkpoint is
+    restored: a run that fails there (a config the model or data refuse, a foreign checkpoint) is left as
+    it was."""
     if config.method == "pretrained":
         if not world.is_main:
             return None  # nothing to train, so nothing to share: the main process writes the run alone
@@ -65,8 +147,11 @@ def train(config: Config, run: Path, device: torch.device, world: distributed.Wo
     log(trainer.model.describe())
     if resume:
         trainer.restore(checkpoint.resolve(run))
-    elif world.is_main:
-        checkpoint.save_backbone(run, trainer.model.backbone.state_dict())
+    if world.is_main:
+        save_config(config, run / "config.yaml")
+        if not resume:
+            (run / "metrics.jsonl").unlink(missing_ok=True)  # of a start killed before its first checkpoint
+            checkpoint.save_backbone(run, trainer.model.backbone.state_dict())
     trainer.fit()
     if world.is_main and evaluate:
         evaluate_and_report(config, run, trainer.model, device, log)
@@ -75,26 +160,36 @@ def train(config: Config, run: Path, device: torch.device, world: distributed.Wo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    world, lock, run = distributed.World(), None, None
     try:
-        config, run = prepare(args)
-    except (ConfigError, OutputError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    torch.manual_seed(config.seed)
-    world = distributed.World()
-    try:
-        device = resolve_device(config.device, world.local_rank)
+        config, run, device, resume, lock = prepare(args)
+        torch.manual_seed(config.seed)
         world = distributed.init(device)
         log = print if world.is_main else (lambda *a, **k: None)
+        if lock is not None and lock.previous:
+            log(describe_stale(lock.previous))
+        train(config, run, device, world, log, resume=resume, evaluate=not args.skip_eval)
+    except KeyboardInterrupt:
         if world.is_main:
-            save_config(config, run / "config.yaml")
-        train(config, run, device, world, log, resume=args.resume, evaluate=not args.skip_eval)
+            print(interrupted(run), file=sys.stderr)
+        return 130
     except (ConfigError, DataError, OutputError, TrainingError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a write that no layer below turned into an OutputError
+        print(f"error: {describe_os_error(error, Path(error.filename or run or '.'))}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown(world)
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def interrupted(run: Path | None) -> str:
+    if run is None or not (run / "config.yaml").is_file():
+        return "interrupted before the run started; nothing to resume"
+    return f"interrupted; resume with: python -m smat.train output={shlex.quote(str(run))} --resume"
 
 
 if __name__ == "__main__":

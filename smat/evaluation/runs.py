@@ -78,7 +78,7 @@ def _load_tensors(model: TaskModel, tensors: dict[str, torch.Tensor], folder: Pa
 
 def load_trained(model: TaskModel, folder: Path, device) -> dict:
     """Load a checkpoint's trained tensors into ``model``; returns the checkpoint's state."""
-    tensors, _, state = checkpoint.load(folder, map_location=device)
+    tensors, _, state = checkpoint.load(folder, map_location=device, optimizer=False)
     _load_tensors(model, tensors, folder, "the run")
     return state
 
@@ -98,7 +98,7 @@ def load_run(run_dir: str | Path, device: torch.device | str | None = None, over
                                          f"complete training run")
     folder = checkpoint.resolve(run, "best")
     model = build(config, create_backbone(config.model, weights=weights)).to(device)
-    tensors, _, state = checkpoint.load(folder, map_location=device)
+    tensors, _, state = checkpoint.load(folder, map_location=device, optimizer=False)
     check_compatible(state, model, config, folder)
     _load_tensors(model, tensors, folder, run / "config.yaml")
     return Run(run, config, model.eval(), state, device)

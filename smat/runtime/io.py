@@ -23,8 +23,11 @@ class OutputError(OSError):
 
 
 def describe_os_error(error: OSError, path: Path) -> str:
-    if error.errno == errno.ENOSPC:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the device holding {path}; free some space or choose another output folder"
+    if error.errno == errno.EFBIG:
+        return (f"{path} grew past the largest file this process may write (ulimit -f or the file system's "
+                f"limit); raise the limit or choose another output folder")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write to {path} (permission denied or read-only); choose a writable output folder"
     return f"cannot write {path}: {error.strerror or error}"

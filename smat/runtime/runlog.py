@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .io import atomic_write_text
+from .io import OutputError, atomic_write_text, describe_os_error
 
 
 class RunLog:
@@ -19,14 +19,18 @@ class RunLog:
         self.path = Path(run) / "metrics.jsonl"
         self.enabled = enabled
         self._tensorboard = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._opened = False  # nothing is written to the run folder before the first record
+
+    def _open_tensorboard(self):
+        if not self._opened:
+            self._opened = True
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(Path(run) / "tensorboard"))
+                self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self._tensorboard = None
+        return self._tensorboard
 
     def truncate(self, step: int) -> None:
         """Forget records after ``step`` (written before an interruption, replayed after the resume)."""
@@ -39,15 +43,20 @@ class RunLog:
     def write(self, kind: str, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as file:
-            file.write(json.dumps({"kind": kind, **record}) + "\n")
-        if self._tensorboard is not None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as file:
+                file.write(json.dumps({"kind": kind, **record}) + "\n")
+        except OSError as error:
+            raise OutputError(describe_os_error(error, self.path)) from None
+        tensorboard = self._open_tensorboard()
+        if tensorboard is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and math.isfinite(value) and key != "step":
-                    self._tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
+                    tensorboard.add_scalar(f"{kind}/{key}", value, record["step"])
                 elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
                     for index, item in enumerate(value):
-                        self._tensorboard.add_scalar(f"{kind}/{key}/{index}", item, record["step"])
+                        tensorboard.add_scalar(f"{kind}/{key}/{index}", item, record["step"])
 
 
 def read(run: Path) -> list[dict]:
