@@ -4,28 +4,81 @@ Training episodes are drawn from the train split of the training domains,
 validation episodes (fixed: the same tasks every epoch) from their val split,
 test episodes from the test split of every test domain. Every episode is a
 pure function of (seed, index), so any process can load any task.
+
+Image folders can be test-only (OOD) domains, every class tested: ``data.test_only`` marks domains of a
+folder source, ``data.test_folders`` adds the domains of other folders to any source's test domains
+(``python -m smat.evaluate --folder DIR``).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import Config, ConfigError
 from .builtin import DOMAINS, ID_DOMAINS, OOD_DOMAINS, BuiltinSource
-from .folder import ImageFolderSource
+from .folder import ImageFolderSource, image_extensions
 from .h5 import MetaDatasetH5Source
 from .loader import EpisodeDataset, EpisodeLoader
 from .samplers import make_sampler
+from .source import Source
 from .transforms import EvalTransform, TrainTransform
 
 VAL_SEED_OFFSET = 7919  # validation and test episodes never reuse the training stream's seeds
 
 
+class WithTestFolders(Source):
+    """A run's source plus the domains of image folders that are only tested (OOD, every class tested)."""
+
+    def __init__(self, base, folders: dict[str, ImageFolderSource]):
+        self.base, self.folders = base, folders
+        super().__init__({**base.domains, **{name: source[name] for name, source in folders.items()}})
+
+
 def open_source(config: Config):
     data = config.data
     if data.source == "builtin":
-        return BuiltinSource([*ID_DOMAINS, *OOD_DOMAINS])
-    if data.source == "folder":
-        return ImageFolderSource(data.root)
-    return MetaDatasetH5Source(data.root)
+        source = BuiltinSource([*ID_DOMAINS, *OOD_DOMAINS])
+    elif data.source == "folder":
+        source = ImageFolderSource(data.root, data.splits)
+        _mark_test_only(source, data.test_only, f"data.root={data.root}")
+    else:
+        source = MetaDatasetH5Source(data.root)
+    return with_test_folders(source, data.test_folders) if data.test_folders else source
+
+
+def _mark_test_only(source, names, where: str) -> None:
+    unknown = [name for name in names if name not in source.domains]
+    if unknown:
+        raise ConfigError(f"data.test_only: no domain {', '.join(map(repr, unknown))} under {where}; "
+                          f"available: {', '.join(source)}")
+    for name in names:
+        domain = source[name]
+        domain.splits = {"train": [], "val": [], "test": domain.classes("all")}
+
+
+def with_test_folders(source, folders) -> WithTestFolders:
+    """``source`` plus every domain of each folder, test-only. A folder is ``<dir>/<domain>/<class>/<image>``,
+    or ``<dir>/<class>/<image>`` (then it is one domain, named after the folder)."""
+    added: dict[str, ImageFolderSource] = {}
+    for folder in map(lambda f: Path(f).expanduser(), folders):
+        single = _holds_images(folder)
+        extra = ImageFolderSource(folder.parent, domains=[folder.name]) if single else ImageFolderSource(folder)
+        _mark_test_only(extra, list(extra), str(folder))
+        clash = [name for name in extra if name in source.domains or name in added]
+        if clash:
+            raise ConfigError(f"data.test_folders: {folder} has domain(s) {', '.join(map(repr, clash))}, a name "
+                              f"already taken; rename the folder")
+        added.update({name: extra for name in extra})
+    return WithTestFolders(source, added)
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether ``folder`` is ``<class>/<image>`` (its sub-folders hold images) rather than a data root."""
+    extensions = image_extensions()
+    for child in (c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")):
+        if any(f.is_file() and f.suffix.lower() in extensions for f in child.iterdir()):
+            return True
+    return False
 
 
 def train_domains(config: Config, source) -> list[str]:
@@ -33,14 +86,22 @@ def train_domains(config: Config, source) -> list[str]:
 
 
 def test_domains(config: Config, source) -> list[str]:
-    default = [*ID_DOMAINS, *OOD_DOMAINS] if config.data.source == "builtin" else list(source)
-    return _check_domains(config.data.test_domains or default, source, "test_domains")
+    """``data.test_domains`` (default: the source's ID and OOD domains), and the test folders' domains unless
+    ``data.test_domains`` names some of them."""
+    added = list(source.folders) if isinstance(source, WithTestFolders) else []
+    base = source.base if isinstance(source, WithTestFolders) else source
+    default = [*ID_DOMAINS, *OOD_DOMAINS] if config.data.source == "builtin" else list(base)
+    names = list(config.data.test_domains or default)
+    if added and not set(names) & set(added):
+        names += added
+    return _check_domains(names, source, "test_domains")
 
 
 def _default_train(config: Config, source) -> list[str]:
     if config.data.source == "builtin":
         return list(ID_DOMAINS)
-    return [name for name in source if source[name].classes("train")]
+    base = source.base if isinstance(source, WithTestFolders) else source
+    return [name for name in base if base[name].classes("train")]
 
 
 def _check_domains(names, source, key: str) -> list[str]:
@@ -100,6 +161,8 @@ def loader(dataset: EpisodeDataset, config: Config, start: int = 0, count: int |
 
 def domain_role(name: str, source) -> str:
     """'id' (the domain has training classes, i.e. it can be meta-trained on) or 'ood' (test classes only)."""
+    if isinstance(source, WithTestFolders):
+        return "ood" if name in source.folders else domain_role(name, source.base)
     if isinstance(source, BuiltinSource):
         return DOMAINS[name].role
     return "id" if source[name].classes("train") else "ood"
