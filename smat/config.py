@@ -106,13 +106,6 @@ class DataConfig:
     # image folders whose domains are added to the test domains as OOD, every class tested
     # (python -m smat.evaluate --folder DIR); <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image>
     test_folders: list[str] = field(default_factory=list)
-    # folder sources: a splits JSON as ImageFolderSource reads it ({"<domain>": {"train": [...], ...}}),
-    # and domains that are test-only (OOD): every class tested, none trained on
-    splits: str | None = None
-    test_only: list[str] = field(default_factory=list)
-    # image folders whose domains are added to the test domains as OOD, every class tested
-    # (python -m smat.evaluate --folder DIR); <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image>
-    test_folders: list[str] = field(default_factory=list)
     protocol: str = "fixed"  # fixed N-way K-shot, or Meta-Dataset's variable way and shot
     n_way: int = 5
     k_shot: int = 5
@@ -412,7 +405,6 @@ def validate(config: Config) -> Config:
     if data.root and not Path(data.root).expanduser().is_dir():
         problems.append(f"data.root={data.root} is not a folder; point it at the dataset's root")
     _check_folder_domains(problems, data)
-    _check_folder_domains(problems, data)
     if model.weights and not Path(model.weights).expanduser().is_file():
         problems.append(f"model.weights={model.weights} does not exist; give the path of a .safetensors or "
                         f".pth file, or leave it empty to use the built-in cache or timm's cache")
@@ -538,30 +530,6 @@ def _check_recipe_options(problems: list[str], config: Config) -> None:
             _positive(problems, "train.first_epoch_lr", train.first_epoch_lr, zero=True)
         except (TypeError, ValueError):
             problems.append(f"train.first_epoch_lr must be a number or null; got {train.first_epoch_lr!r}")
-
-
-def _check_folder_domains(problems: list[str], data: DataConfig) -> None:
-    """data.splits, data.test_only and data.test_folders: files and folders that exist, lists of names."""
-    if data.splits is not None:
-        if data.source != "folder":
-            problems.append(f"data.splits applies to data.source=folder (a splits JSON of image folder domains); "
-                            f"got data.source={data.source}")
-        elif not Path(data.splits).expanduser().is_file():
-            problems.append(f"data.splits={data.splits} is not a file; give a JSON file "
-                            '{"<domain>": {"train": [classes], "val": [...], "test": [...]}}')
-    if not all(isinstance(name, str) for name in data.test_only):
-        problems.append(f"data.test_only must be a list of domain names; got {data.test_only!r}")
-    elif data.test_only and data.source != "folder":
-        problems.append(f"data.test_only marks image folder domains as OOD; it needs data.source=folder "
-                        f"(got {data.source}); for extra folders next to another source use data.test_folders")
-    trained = sorted(set(data.test_only) & set(data.train_domains or ()))
-    if trained:
-        problems.append(f"data.test_only domains {trained} are also in data.train_domains; a test-only domain is "
-                        f"never trained on: remove it from one of the two")
-    for folder in data.test_folders:
-        if not isinstance(folder, str) or not Path(folder).expanduser().is_dir():
-            problems.append(f"data.test_folders: {folder!r} is not a folder; give <dir>/<domain>/<class>/<image> "
-                            f"or <dir>/<class>/<image>")
 
 
 def _check_folder_domains(problems: list[str], data: DataConfig) -> None:
