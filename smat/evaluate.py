@@ -9,7 +9,7 @@ kernel call. The other modes (Algorithm 2's expert selection, Algorithm 3's
 full fine-tuning, LoRA) live in :mod:`smat.adapt`.
 
     python -m smat.evaluate --checkpoint RUN [RUN ...] [--datasets D ...]
-        [--mode protonet|select|full|lora ...] [--episodes N] [--output DIR] [key=value ...]
+        [--mode protonet|select|full|lora ...] [--episodes N] [--folder DIR ...] [--output DIR] [key=value ...]
 
 ``key=value`` overrides the runs' configs (``data.n_way=5``, ``device=cpu``)
 or the adaptation options (``adapt.steps=50``, ``adapt.lr_grid=[0,1e-4]``,
@@ -55,13 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mode", nargs="+", default=["protonet"], metavar="{" + ",".join(MODES) + "}",
                         help="protonet: no adaptation; select: Algorithm 2; full: Algorithm 3; lora: LoRA")
     parser.add_argument("--episodes", type=int, metavar="N", help="test episodes per domain (evaluate.episodes)")
+    parser.add_argument("--folder", nargs="+", metavar="DIR", help="image folders added to the test domains as OOD, "
+                        "every class tested: <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image> (one domain)")
     parser.add_argument("--output", metavar="DIR", help="where the tables go (default: <first run>/evaluation)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides (data.n_way=5, device=cpu) and adaptation options (adapt.steps=50)")
     args = parser.parse_intermixed_args(argv)
     # `--checkpoint RUN key=value`, `--mode full lora adapt.steps=20`: nargs="+" swallows the overrides that
     # follow a list option
-    for name in ("checkpoint", "datasets", "mode"):
+    for name in ("checkpoint", "datasets", "mode", "folder"):
         values = getattr(args, name) or []
         args.overrides = [v for v in values if OVERRIDE.match(v) and not Path(v).exists()] + args.overrides
         setattr(args, name, [v for v in values if not (OVERRIDE.match(v) and not Path(v).exists())] or None)
@@ -95,6 +97,8 @@ def load_plans(args, overrides, options: AdaptConfig, log=print) -> list[Plan]:
         extra.append(f"data.test_domains={args.datasets!r}")
     if args.episodes:
         extra.append(f"evaluate.episodes={args.episodes}")
+    if args.folder:
+        extra.append(f"data.test_folders={[str(Path(f).expanduser().resolve()) for f in args.folder]!r}")
     plans = []
     for path in args.checkpoint:
         run = load_run(path, None, extra)
