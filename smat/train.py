@@ -64,8 +64,12 @@ def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
     the folder's lock (main process only) and a re-check under it. Returns (config, run, device, whether a
     checkpoint is restored, the lock)."""
     requested = load_config(args.config, args.overrides)
+    if not args.resume:
+        validate(requested)
+    elif not (isinstance(requested.output, str) and requested.output):
+        raise ConfigError(f"--resume needs output=RUN, the folder of the run to continue; got {requested.output!r}")
     run = Path(requested.output).expanduser()
-    config = resumed_config(args, requested, run) if args.resume else validate(requested)
+    config = resumed_config(args, requested, run) if args.resume else requested
     check_folder(run, args.resume)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
