@@ -50,7 +50,7 @@ def support_losses(model, binary: torch.Tensor, task, parallel: str = "loop") ->
     All C candidates are merged in one kernel call ([C, N]); the support set then runs once per row."""
     theta = model.merge(binary_to_alpha(binary), mode="deterministic")
     features = model.task_features(theta, [task.support_x] * binary.shape[0], parallel)
-    return torch.stack([support_cross_entropy(f, task.support_y, task.n_way, model.protonet_scale)
+    return torch.stack([support_cross_entropy(f, task.support_y, task.n_way, model.protonet_scale, model.protonet_bias)
                         for f in features])
 
 

@@ -36,6 +36,7 @@ class TaskModel(nn.Module):
         self.register_buffer("theta_pre", self.layout.flatten(backbone), persistent=False)
         self.layout.tie(backbone, self.theta_pre)
         self.protonet_scale = protonet_scale
+        self.protonet_bias = 0.0  # the cosine head: logits = scale·(cos + bias); PMF learns both
         self.backend = backend
 
     @property
@@ -103,6 +104,10 @@ class TaskModel(nn.Module):
     def hard_masks(self) -> torch.Tensor:
         """bool [N, M]: where each expert acts (everywhere, for dense experts)."""
         return torch.ones(self.layout.num_elements, self.num_experts, dtype=torch.bool, device=self.theta_pre.device)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The cosine head's learned scale and bias (PMF); none for a fixed head."""
+        return []
 
     # ------------------------------------------------------------------ state
 

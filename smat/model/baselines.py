@@ -64,11 +64,30 @@ class SoftMerge(RoutedModel):
 
 
 class PMF(TaskModel):
-    """PMF: θ_i = θ_pre + δ for every task, one dense δ [1, N] (one expert, no router)."""
+    """PMF: θ_i = θ_pre + δ for every task, one dense δ [1, N] (one expert, no router).
+
+    ``model.pmf_head='learnable'`` (PMF's code): the cosine head's scale (initialised to
+    ``model.protonet_scale``) and bias (initialised to 0) are parameters, logits = scale·(cos + bias),
+    meta-trained with δ and fixed at meta-test time."""
 
     def __init__(self, backbone: nn.Module, config: ModelConfig):
         super().__init__(backbone, config.expert_patterns, config.protonet_scale, config.backend)
         self.delta = nn.Parameter(torch.zeros(1, self.layout.num_elements))
+        if config.pmf_head == "learnable":
+            self.protonet_scale = nn.Parameter(torch.tensor(float(config.protonet_scale)))
+            self.protonet_bias = nn.Parameter(torch.tensor(0.0))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The learned scale and bias of the cosine head (none when it is fixed)."""
+        return [value for value in (self.protonet_scale, self.protonet_bias) if isinstance(value, nn.Parameter)]
+
+    @torch.no_grad()
+    def load_trainable_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        # a run written before the head was learnable holds no head: its head was the fixed (scale, 0),
+        # which are the initial values
+        initial = {name: value.detach().clone() for name, value in self.named_parameters(recurse=False)
+                   if name.startswith("protonet_")}
+        super().load_trainable_tensors({**initial, **tensors})
 
     @property
     def num_experts(self) -> int:

@@ -2,7 +2,8 @@
 into class prototypes, logits, losses and accuracies.
 
 Class prototypes are the mean support features of each class; a query's
-logits are ``scale`` × the cosine similarity to each prototype.
+logits are ``scale`` × (the cosine similarity to each prototype + ``bias``).
+``scale`` and ``bias`` are 10 and 0, or PMF's learned values (floats or 0-d tensors).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ def prototypes(features: torch.Tensor, labels: torch.Tensor, n_way: int) -> torc
     return sums / counts[:, None]
 
 
-def cosine_logits(features: torch.Tensor, centroids: torch.Tensor, scale: float = 10.0) -> torch.Tensor:
-    """features [Q, D], centroids [n_way, D] → logits [Q, n_way] = scale · cos(feature, centroid)."""
-    return scale * F.normalize(features, dim=-1) @ F.normalize(centroids, dim=-1).t()
+def cosine_logits(features: torch.Tensor, centroids: torch.Tensor, scale=10.0, bias=0.0) -> torch.Tensor:
+    """features [Q, D], centroids [n_way, D] → logits [Q, n_way] = scale · (cos(feature, centroid) + bias)."""
+    return scale * (F.normalize(features, dim=-1) @ F.normalize(centroids, dim=-1).t() + bias)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -35,25 +36,29 @@ def accuracies(logits: list[torch.Tensor], tasks) -> list[float]:
     return [accuracy(out, task.query_y) for out, task in zip(logits, tasks, strict=True)]
 
 
-def support_cross_entropy(features: torch.Tensor, labels: torch.Tensor, n_way: int, scale: float) -> torch.Tensor:
+def support_cross_entropy(features: torch.Tensor, labels: torch.Tensor, n_way: int, scale, bias=0.0,
+                          prototype_features: torch.Tensor | None = None) -> torch.Tensor:
     """CE of classifying the support set by its own class prototypes (the support loss of Algorithms 1–3).
 
-    features [S, D] (any float dtype; computed in fp32), labels int64 [S] → scalar fp32."""
+    features [S, D] (any float dtype; computed in fp32), labels int64 [S] → scalar fp32.
+    ``prototype_features`` [S, D]: the features the prototypes are computed from, when not ``features``
+    (PMF's fine-tuning: prototypes of the clean support images, ``features`` of augmented ones)."""
     features = features.float()
-    centroids = prototypes(features, labels, n_way)
-    return F.cross_entropy(cosine_logits(features, centroids, scale), labels)
+    source = features if prototype_features is None else prototype_features.float()
+    centroids = prototypes(source, labels, n_way)
+    return F.cross_entropy(cosine_logits(features, centroids, scale, bias), labels)
 
 
-def task_logits(features: torch.Tensor, task, scale: float) -> torch.Tensor:
+def task_logits(features: torch.Tensor, task, scale, bias=0.0) -> torch.Tensor:
     """Query logits [Q, n_way] of ``task`` from the features of its [support; query] images, [S + Q, D]."""
     features = features.float()
     support, query = features[:len(task.support_y)], features[len(task.support_y):]
-    return cosine_logits(query, prototypes(support, task.support_y, task.n_way), scale)
+    return cosine_logits(query, prototypes(support, task.support_y, task.n_way), scale, bias)
 
 
-def query_accuracy(features: torch.Tensor, task, scale: float) -> float:
+def query_accuracy(features: torch.Tensor, task, scale, bias=0.0) -> float:
     """Query accuracy of ``task`` from the features of [support; query] images, [S + Q, D]."""
-    return accuracy(task_logits(features, task, scale), task.query_y)
+    return accuracy(task_logits(features, task, scale, bias), task.query_y)
 
 
 def query_logits(model, theta: torch.Tensor | None, tasks, parallel: str = "loop") -> list[torch.Tensor]:
@@ -61,7 +66,8 @@ def query_logits(model, theta: torch.Tensor | None, tasks, parallel: str = "loop
     of ``theta`` [B, N] (``None``: the pre-trained backbone). Support and query go through one forward pass."""
     images = [torch.cat([t.support_x, t.query_x]) for t in tasks]
     features = model.task_features(theta, images, parallel)
-    return [task_logits(f, task, model.protonet_scale) for f, task in zip(features, tasks, strict=True)]
+    return [task_logits(f, task, model.protonet_scale, model.protonet_bias)
+            for f, task in zip(features, tasks, strict=True)]
 
 
 @torch.no_grad()

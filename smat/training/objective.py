@@ -9,7 +9,7 @@ code's optional extras are marked as such and switched by config keys:
       θ_i' = θ_i − η ∇L(T_i^s; θ_i)   (first order)                    support_step
       student logits on T_i^q under θ_i'                              protonet.query_logits
       teacher: K dense SGD steps from sg(θ_i) on L(T_i^q)             dense_teacher_logits
-      L_i = β·CE + (1 − β)·KD(teacher → student)                       task_losses
+      L_i = β·CE + (1 − β)·KD(teacher → student)                       distillation_terms
     L = mean_i L_i + Σ_m λ_m (E[L0(z_m)]/N − (1 − τ)) + c·mean(h²)    MetaObjective.forward
 
 Task b of this process runs on row b of the merged [B, N] buffer; gradients
@@ -33,7 +33,8 @@ def support_loss(model, theta: torch.Tensor, tasks, parallel: str = "loop") -> t
     """Σ_b CE of classifying task b's support set by its own prototypes (the support-set loss)."""
     total = theta.new_zeros(())
     for task, features in zip(tasks, model.task_features(theta, [t.support_x for t in tasks], parallel), strict=True):
-        total = total + protonet.support_cross_entropy(features, task.support_y, task.n_way, model.protonet_scale)
+        total = total + protonet.support_cross_entropy(features, task.support_y, task.n_way, model.protonet_scale,
+                                                       model.protonet_bias)
     return total
 
 
@@ -55,10 +56,13 @@ def gradient_steps(theta: torch.Tensor, loss_fn, lr: float, steps: int) -> torch
     return theta
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over queries (Hinton et al.)."""
-    return F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1),
-                    reduction="batchmean") * temperature ** 2
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                 direction: str = "teacher_student") -> torch.Tensor:
+    """T²·KL(p_teacher ‖ p_student) (Hinton et al., ``teacher_student``) or T²·KL(p_student ‖ p_teacher) (the
+    reference code, ``student_teacher``) of the tempered softmaxes, averaged over queries."""
+    log_student, log_teacher = F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1)
+    first, second = (log_teacher, log_student) if direction == "teacher_student" else (log_student, log_teacher)
+    return (first.exp() * (first - second)).sum(-1).mean() * temperature ** 2
 
 
 def dense_teacher_logits(model, theta: torch.Tensor, tasks, lr: float, steps: int,
@@ -120,8 +124,9 @@ class MetaObjective(nn.Module):
                               train.inner_steps)
 
     def distillation_terms(self, theta: torch.Tensor, student: list[torch.Tensor], tasks):
-        """KD of each task [B] towards the dense teacher (and, an option of the reference code, a share
-        ``train.kd_pretrained_share`` towards the pre-trained model); None without either."""
+        """KD of each task [B] towards the dense teacher started from ``theta`` (and, an option of the
+        reference code, a share ``train.kd_pretrained_share`` towards the pre-trained model), in the direction
+        ``train.kd_direction``; None without either."""
         train, model = self.config.train, self.model
         share = train.kd_pretrained_share
         teachers = (dense_teacher_logits(model, theta, tasks, train.teacher_lr, train.teacher_steps, self.parallel)
@@ -135,9 +140,11 @@ class MetaObjective(nn.Module):
         kd = student[0].new_zeros(len(tasks), dtype=torch.float32)
         for b, s in enumerate(student):
             if teachers is not None:
-                kd[b] = kd[b] + (1 - share) * distillation(s.float(), teachers[b].float(), train.kd_temperature)
+                kd[b] = kd[b] + (1 - share) * distillation(s.float(), teachers[b].float(), train.kd_temperature,
+                                                           train.kd_direction)
             if pretrained is not None:
-                kd[b] = kd[b] + share * distillation(s.float(), pretrained[b].float(), train.kd_temperature)
+                kd[b] = kd[b] + share * distillation(s.float(), pretrained[b].float(), train.kd_temperature,
+                                                     train.kd_direction)
         return kd
 
     def forward(self, tasks, first_task: int, step: int, temperature: float,
@@ -151,8 +158,11 @@ class MetaObjective(nn.Module):
         if measure_alignment:
             theta.retain_grad()
         with autocast(self.config, tasks[0].query_x.device):
-            student = protonet.query_logits(model, self.support_step(theta, tasks), tasks, self.parallel)
-            kd = self.distillation_terms(theta, student, tasks)
+            adapted = self.support_step(theta, tasks)
+            student = protonet.query_logits(model, adapted, tasks, self.parallel)
+            # Algorithm 1's teacher starts from sg(θ_i); the reference code's from sg(θ_i') after the support step
+            kd = self.distillation_terms(adapted if train.teacher_start == "after_support_step" else theta,
+                                         student, tasks)
         ce = cross_entropies(student, tasks)
         ce_weight = train.ce_weight if kd is not None else 1.0
         kd = kd if kd is not None else torch.zeros_like(ce)

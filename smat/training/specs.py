@@ -36,8 +36,12 @@ SPECS: dict[str, TrainingSpec] = {
 
 
 def _delta(model, train: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD([model.delta], lr=train.delta_lr, momentum=train.delta_momentum,
-                           weight_decay=train.delta_weight_decay)
+    """θ_δ's SGD; PMF's learned head (scale, bias) joins it without weight decay, as in PMF's code."""
+    groups = [{"params": [model.delta], "weight_decay": train.delta_weight_decay}]
+    head = model.head_parameters()
+    if head:
+        groups.append({"params": head, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=train.delta_lr, momentum=train.delta_momentum)
 
 
 def _mask(model, train: TrainConfig) -> torch.optim.Optimizer:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 from ..data import episodes
 from ..model import TaskModel, build, check_compatible
 from ..model.backbone import BUILTIN, create_backbone
@@ -53,6 +53,44 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float):
     return factor
 
 
+def cosine_over_epochs(steps_per_epoch: int, warmup_epochs: int, schedule_epochs: int):
+    """The reference code's schedule, set once per epoch e: e / warmup_epochs while warming up (0 in the first
+    epoch), then 0.5·(1 + cos(π·(e − warmup_epochs) / (schedule_epochs − warmup_epochs)))."""
+    def factor(step: int) -> float:
+        epoch = step // steps_per_epoch
+        if epoch < warmup_epochs:
+            return epoch / warmup_epochs
+        progress = (epoch - warmup_epochs) / max(1, schedule_epochs - warmup_epochs)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+# the optimisers whose first epoch runs at train.first_epoch_lr (λ too: Trainer.lambda_lr); the reference code
+# sets it on its main optimiser (θ_δ, masks, λ), not on the hypernetwork's
+FIRST_EPOCH_OPTIMIZERS = ("delta", "mask")
+
+
+def learning_rate_factors(train: TrainConfig, total_steps: int, steps_per_epoch: int, optimizers: dict):
+    """(schedule factor of step s, {optimiser name: its LambdaLR factor})."""
+    if train.lr_schedule == "epochs":
+        schedule = cosine_over_epochs(steps_per_epoch, train.warmup_epochs, train.schedule_epochs)
+    else:
+        schedule = cosine_with_warmup(total_steps, train.warmup_fraction)
+    factors = {name: schedule for name in optimizers}
+    if train.first_epoch_lr is not None:
+        for name in FIRST_EPOCH_OPTIMIZERS:
+            if name in optimizers:
+                factors[name] = _first_epoch_at(schedule, steps_per_epoch, train.first_epoch_lr,
+                                                optimizers[name].param_groups[0]["lr"])
+    return schedule, factors
+
+
+def _first_epoch_at(schedule, steps_per_epoch: int, lr: float, base_lr: float):
+    def factor(step: int) -> float:
+        return lr / base_lr if step < steps_per_epoch else schedule(step)
+    return factor
+
+
 class Trainer:
     def __init__(self, config: Config, run: Path, device: torch.device, world: distributed.World,
                  log=print, model: TaskModel | None = None):
@@ -74,8 +112,9 @@ class Trainer:
         self.optimizers = make_optimizers(self.spec, self.model, train)
         self.steps_per_epoch = max(1, train.tasks_per_epoch // train.meta_batch)
         self.total_steps = train.epochs * self.steps_per_epoch if self.objective is not None else 0
-        factor = cosine_with_warmup(self.total_steps, train.warmup_fraction)
-        self.schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.lr_factor, factors = learning_rate_factors(train, self.total_steps, self.steps_per_epoch,
+                                                        self.optimizers)
+        self.schedules = {name: torch.optim.lr_scheduler.LambdaLR(opt, factors[name])
                           for name, opt in self.optimizers.items()}
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision_dtype(config, device) == torch.float16)
         self.multipliers = SparsityMultipliers(self.model.num_experts, train.tau, train.lambda_lr, device)
@@ -169,7 +208,16 @@ class Trainer:
         once log_α has saturated; in short runs it has not, and only 'hard' lands the deployed sparsity on τ."""
         self.model.project_log_alpha()
         measured = out["density"] if self.config.train.constraint_on == "expected" else out["hard_density"]
+        self.multipliers.lr = self.lambda_lr()
         self.multipliers.ascend(measured, alpha_mean)
+
+    def lambda_lr(self) -> float:
+        """λ's learning rate at this step: train.lambda_lr, scaled by the schedule when train.lambda_schedule,
+        and train.first_epoch_lr in the first epoch when that is set."""
+        train = self.config.train
+        if train.first_epoch_lr is not None and self.step < self.steps_per_epoch:
+            return train.first_epoch_lr
+        return train.lambda_lr * (self.lr_factor(self.step) if train.lambda_schedule else 1.0)
 
     def _skip(self, value: float) -> None:
         self.nonfinite_total += 1
@@ -228,7 +276,7 @@ class Trainer:
                   "lambda": self.multipliers.value.tolist(),
                   "nonfinite_total": self.nonfinite_total,
                   "tasks_per_second": (self.step - start_step) * self.config.train.meta_batch / max(elapsed, 1e-9),
-                  "lr_delta": self.schedules["delta"].get_last_lr()[0]}
+                  "lr_delta": self.schedules["delta"].get_last_lr()[0], "lr_lambda": self.multipliers.lr}
         self.runlog.write("train", record)
         return record
 
