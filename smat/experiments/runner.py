@@ -1,0 +1,138 @@
+"""Train the runs of a plan that are not finished, then evaluate every run on the same test tasks.
+
+Training runs ``python -m smat.train`` in a subprocess per run (its output goes to
+``<root>/logs/<name>.log``): a finished run is skipped, an interrupted one resumed from its checkpoint,
+so a plan picks up where it stopped. Evaluation runs in this process and is cached in
+``<root>/<name>/experiment_evaluation.json`` for the checkpoint and task count it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapt import AdaptConfig
+from ..analysis import mask_overlap
+from ..data import episodes
+from ..evaluation.modes import evaluate_mode, plan_run
+from ..evaluation.runs import load_run
+from ..runtime import checkpoint
+from ..runtime.io import atomic_write_json
+from .plan import ExperimentPlan, RunSpec
+
+CACHE = "experiment_evaluation.json"
+
+
+class ExperimentError(RuntimeError):
+    """A run of the plan failed; the message names its log."""
+
+
+@dataclass
+class RunResult:
+    """What the tables, figures and claims need from one evaluated run."""
+
+    spec: RunSpec
+    path: Path
+    domains: dict  # {domain: {"role": "id" | "ood", "accuracies": [per task]}}, the same tasks for every run
+    val_accuracy: float  # best validation accuracy (chooses among runs without looking at test tasks)
+    sparsity: list[float] | None  # each expert's hard sparsity (masked methods)
+    overlap: list[list[float]] | None  # IoU of the experts' hard masks [M, M] (masked methods)
+    alpha: dict | None  # {domain: [[α per task]]}, evaluation-time merging weights (routed methods)
+
+    def average(self, role: str) -> float:
+        """Mean accuracy (%) over the domains of ``role``, each domain weighted equally."""
+        means = [100 * sum(d["accuracies"]) / len(d["accuracies"]) for d in self.domains.values() if d["role"] == role]
+        return sum(means) / len(means) if means else float("nan")
+
+
+def training_state(run: Path) -> dict | None:
+    """The latest checkpoint's state.json of a run folder; None before its first checkpoint."""
+    try:
+        return json.loads((checkpoint.resolve(run, "latest") / "state.json").read_text())
+    except (checkpoint.CheckpointError, OSError, ValueError):
+        return None
+
+
+def is_trained(run: Path) -> bool:
+    state = training_state(run)
+    return state is not None and state["step"] >= state["total_steps"]
+
+
+def train_run(plan: ExperimentPlan, spec: RunSpec, root: Path) -> None:
+    """Train one run to its end: fresh, or resumed from its latest checkpoint."""
+    run = root / spec.name
+    arguments = (["--resume", f"output={run}"] if training_state(run) is not None
+                 else [*plan.arguments(spec), f"output={run}"])
+    log = root / "logs" / f"{spec.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as stream:
+        stream.write(f"$ python -m smat.train {' '.join(arguments)} --skip-eval\n")
+        stream.flush()
+        code = subprocess.call([sys.executable, "-m", "smat.train", *arguments, "--skip-eval"], stdout=stream,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-5:])
+        raise ExperimentError(f"training run {spec.name} failed (exit {code}); its log is {log}:\n{tail}")
+
+
+def train_plan(plan: ExperimentPlan, root: Path, log=print) -> None:
+    """Train every run of the plan that has not reached its last step."""
+    missing = [spec for spec in plan.runs if not is_trained(root / spec.name)]
+    if len(missing) < len(plan.runs):
+        log(f"{len(plan.runs) - len(missing)} of {len(plan.runs)} runs already trained; skipped")
+    with tqdm(missing, desc=f"{plan.name}: train", unit="run", dynamic_ncols=True) as progress:
+        for spec in progress:
+            progress.set_postfix_str(spec.name)
+            train_run(plan, spec, root)
+
+
+@torch.no_grad()
+def alpha_by_domain(run, datasets: dict) -> dict:
+    """{domain: [α per test task]}: the hypernetwork's evaluation-time merging weights."""
+    alphas = {}
+    for name, dataset in datasets.items():
+        rows = []
+        for tasks in episodes.loader(dataset, run.config, meta_batch=run.config.train.meta_batch):
+            rows += run.model.task_alpha([t.to(run.device) for t in tasks], run.temperature).cpu().tolist()
+        alphas[name] = rows
+    return alphas
+
+
+def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progress=None) -> RunResult:
+    """ProtoNet accuracy of one run's best checkpoint on ``plan.episodes`` test tasks per domain (cached)."""
+    path = root / spec.name
+    state = training_state(path) or {}
+    key = {"episodes": plan.episodes, "step": state.get("step"), "best": checkpoint.resolve(path, "best").name}
+    cache = path / CACHE
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            if progress is not None:
+                progress.update(sum(len(d["accuracies"]) for d in stored["domains"].values()))
+            return RunResult(spec, path, **{k: v for k, v in stored.items() if k != "key"})
+    run = load_run(path, device, [f"evaluate.episodes={plan.episodes}"])
+    options = AdaptConfig()
+    evaluation = plan_run(run, ["protonet"], options)
+    results, _ = evaluate_mode(evaluation, "protonet", options, progress)
+    model = run.model
+    record = {
+        "domains": {r.domain: {"role": r.role, "accuracies": r.accuracies} for r in results},
+        "val_accuracy": float(run.state.get("best_val", float("nan"))),
+        "sparsity": model.hard_sparsity().tolist() if model.masked else None,
+        "overlap": mask_overlap(model.hard_masks().cpu()).tolist() if model.masked else None,
+        "alpha": alpha_by_domain(run, evaluation.test) if model.routed else None,
+    }
+    atomic_write_json(cache, {"key": key, **record})
+    return RunResult(spec, path, **record)
+
+
+def evaluate_plan(plan: ExperimentPlan, root: Path, device=None) -> list[RunResult]:
+    """Every run of the plan evaluated on the same test tasks, in plan order."""
+    with tqdm(desc=f"{plan.name}: evaluate", unit="task", dynamic_ncols=True) as progress:
+        return [evaluate_run(plan, spec, root, device, progress) for spec in plan.runs]
