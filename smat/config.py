@@ -75,8 +75,9 @@ class ModelConfig:
     hyper_mlp_ratio: float = 2.0
     protonet_scale: float = 10.0
     # PMF's cosine head: 'learnable' scale (init protonet_scale) and bias (init 0), logits = scale·(cos + bias),
-    # meta-trained with δ as in PMF's code; 'fixed': scale protonet_scale, bias 0. Other methods: always fixed.
-    pmf_head: str = "learnable"
+    # meta-trained with δ as in PMF's code (configs/baselines/pmf.yaml sets it); 'fixed': scale protonet_scale,
+    # bias 0, as runs before it. Other methods: always fixed.
+    pmf_head: str = "fixed"
     backend: str | None = None  # smat_kernels backend: None (automatic), reference, cpu, cuda, triton
 
 

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from ..config import ConfigError
 
 MODES = ("protonet", "select", "full", "lora")
-GRADIENT_MODES = ("full", "lora")  # the modes whose learning rate is chosen per domain from a grid
+GRADIENT_MODES = ("full", "lora")  # the modes whose learning rate is chosen from a grid
+PROTOTYPES = ("clean", "augmented")
+# how the learning rate of full and lora is chosen from the grid:
+# - val_else_support (PMF): one rate per domain from its val split's first lr_tasks tasks; a domain without
+#   a val split chooses per task from its support set alone (PMF's ProtoNet_Auto_Finetune)
+# - support: every task chooses per task from its support set alone
+# - val_else_test (smat before issue 13): a domain without a val split chooses on its first lr_tasks test
+#   tasks, whose queries are then scored again; kept to compare with earlier results
+LR_CHOICES = ("val_else_support", "support", "val_else_test")
 
 
 @dataclass
@@ -29,16 +37,22 @@ class AdaptConfig:
     steps: int = 50  # Adam(W) steps on the support set (full, LoRA)
     # learning rates tried per domain for full fine-tuning; LoRA multiplies each by lora_lr_scale
     lr_grid: list[float] = field(default_factory=lambda: [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    lr_tasks: int = 5  # tasks per domain that choose the learning rate (val split, else the first test tasks)
+    lr_tasks: int = 5  # val tasks per domain that choose the learning rate (lr_choice)
+    lr_choice: str = "val_else_support"  # LR_CHOICES; no choice sees a test query before it is scored
     lr: float | None = None  # a fixed learning rate instead of the grid search
     weight_decay: float = 0.0  # AdamW's decay pulls towards 0, i.e. away from θ_i; off unless asked for
     augment_probability: float = 0.9  # DiffAugment applied to each support image with this probability
     augment_flip: bool = True  # DiffAugment's horizontal flip; off anyway where the run has data.train_flip=false
+    # the support loss of full and lora: augmented support images against the prototypes of the 'clean'
+    # support images (PMF's ProtoNet_Finetune) or of the 'augmented' batch itself
+    prototypes: str = "clean"
     lora_rank: int = 8
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_lr_scale: float = 10.0
-    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # module name suffixes
+    # module name suffixes; attn.q, attn.k, attn.v: slices of timm's fused attn.qkv (smat.adapt.lora). The
+    # authors' code: query and value, i.e. [attn.q, attn.v]
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])
     # Algorithm 2: R rounds of M single-bit flips; 6 rounds of 8 experts ≈ the paper's "50 steps"
     select_rounds: int = 6
     select_rho: float = 0.9  # probability of accepting an improvement (a worse candidate: 1 − ρ)
@@ -73,6 +87,9 @@ def validate_adapt(options: AdaptConfig) -> AdaptConfig:
                         f"{options.lr_grid!r}, lr={options.lr!r}")
     if not options.lora_targets:
         problems.append("adapt.lora_targets must name at least one module suffix, e.g. attn.qkv")
+    for name, allowed in (("prototypes", PROTOTYPES), ("lr_choice", LR_CHOICES)):
+        if getattr(options, name) not in allowed:
+            problems.append(f"adapt.{name} must be one of {', '.join(allowed)}; got {getattr(options, name)!r}")
     if problems:
         raise ConfigError("invalid adaptation options:\n  - " + "\n  - ".join(problems))
     return options

@@ -1,9 +1,15 @@
-"""The meta-test modes over a run's test episodes, and the per-domain choice of their learning rate.
+"""The meta-test modes over a run's test episodes, and the choice of their learning rate.
 
 ProtoNet (no adaptation): each task's weights are merged from the
 hypernetwork's evaluation-time α and the deterministic masks; the B tasks of a
 batch are merged in one kernel call. The other modes (Algorithm 2's expert
 selection, Algorithm 3's full fine-tuning, LoRA) live in :mod:`smat.adapt`.
+
+The learning rate of full fine-tuning and LoRA (``adapt.lr_choice``, PMF's
+protocol by default): one per domain from the first tasks of its val split;
+where a domain has none, one per task from that task's support set alone
+(:func:`smat.adapt.finetune.choose_task_lr`). No test query is seen before it
+is scored.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 from ..adapt import GRADIENT_MODES, AdaptConfig
 from ..adapt.cost import PeakMemory, Stopwatch
-from ..adapt.finetune import backbone_accuracy, full_finetune
+from ..adapt.finetune import backbone_accuracy, choose_task_lr, full_finetune, head_of
 from ..adapt.lora import lora_finetune, require_peft
 from ..adapt.select import select_experts, selection_accuracy
 from ..config import Config, ConfigError
@@ -34,11 +40,11 @@ def _task_theta(run: Run, task) -> torch.Tensor | None:
     return None if theta is None else theta[0]
 
 
-def _protonet(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
+def _protonet(run: Run, tasks, lr, options: AdaptConfig, indices, chosen) -> list[float]:
     return protonet.task_accuracies(run.model, tasks, run.temperature, parallel=run.parallel)
 
 
-def _select(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
+def _select(run: Run, tasks, lr, options: AdaptConfig, indices, chosen) -> list[float]:
     accuracies = []
     for task, index in zip(tasks, indices, strict=True):
         selection = select_experts(run.model, task, run.temperature, options.select_rounds, options.select_rho,
@@ -47,22 +53,35 @@ def _select(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
     return accuracies
 
 
-def _fine_tuning(method):
-    def adapt(run: Run, tasks, lr, options: AdaptConfig, indices) -> list[float]:
+# the key of a task's learning-rate choice draws (augmentations of the probe), apart from its fine-tuning's
+LR_CHOICE_STREAM = 1
+
+
+def _fine_tuning(method, mode: str):
+    def adapt(run: Run, tasks, lr, options: AdaptConfig, indices, chosen) -> list[float]:
         # a run trained without flips (glyphs: a mirrored character is another one) is not fine-tuned with them
         options = dataclasses.replace(options, augment_flip=options.augment_flip and run.config.data.train_flip)
+        scale, bias = head_of(run.model)
         accuracies = []
         for task, index in zip(tasks, indices, strict=True):
-            tuned = method(run.model, _task_theta(run, task), task, lr, options,
+            theta = _task_theta(run, task)
+            rate = lr
+            if rate is None:  # per task, from its support set alone
+                rate, _ = choose_task_lr(method, run.model, theta, task, options.learning_rates(mode), options,
+                                         keyed_generator(options.seed, index, LR_CHOICE_STREAM, device=run.device),
+                                         run.precision)
+                chosen.append(rate)
+            tuned = method(run.model, theta, task, rate, options,
                            keyed_generator(options.seed, index, device=run.device), run.precision)
-            accuracies.append(backbone_accuracy(tuned.backbone, task, run.model.protonet_scale, run.precision))
+            accuracies.append(backbone_accuracy(tuned.backbone, task, scale, run.precision, bias))
         return accuracies
     return adapt
 
 
-# mode → f(run, tasks on the device, lr, options, task indices) → query accuracy per task
-MODE_RUNNERS = {"protonet": _protonet, "select": _select, "full": _fine_tuning(full_finetune),
-                "lora": _fine_tuning(lora_finetune)}
+# mode → f(run, tasks on the device, lr (None: chosen per task), options, task indices, list that collects
+# the rates chosen per task) → query accuracy per task
+MODE_RUNNERS = {"protonet": _protonet, "select": _select, "full": _fine_tuning(full_finetune, "full"),
+                "lora": _fine_tuning(lora_finetune, "lora")}
 
 
 def check_mode(run: Run, mode: str) -> None:
@@ -76,17 +95,20 @@ def check_mode(run: Run, mode: str) -> None:
                           f"{' or '.join(MASKED_METHODS)}. Use --mode protonet, full or lora for this run.")
 
 
-def run_tasks(run: Run, mode: str, dataset, lr: float | None, options: AdaptConfig, progress=None):
+def run_tasks(run: Run, mode: str, dataset, lr: float | None, options: AdaptConfig, progress=None,
+              chosen: list | None = None):
     """(query accuracy per task, seconds) of ``mode`` over every task of ``dataset``; the seconds cover
-    adaptation and prediction only (not loading the episodes)."""
+    adaptation (a per-task learning-rate choice included) and prediction only (not loading the episodes).
+    ``lr`` None: each task of a gradient mode chooses its own, appended to ``chosen``."""
     batch = run.config.train.meta_batch if mode == "protonet" else 1
     watch = Stopwatch(run.device)
     accuracies: list[float] = []
+    chosen = [] if chosen is None else chosen
     for tasks in episodes.loader(dataset, run.config, meta_batch=batch):
         tasks = [t.to(run.device) for t in tasks]
         indices = range(len(accuracies), len(accuracies) + len(tasks))
         with watch, autocast(run.config, run.device):
-            accuracies += MODE_RUNNERS[mode](run, tasks, lr, options, indices)
+            accuracies += MODE_RUNNERS[mode](run, tasks, lr, options, indices, chosen)
         if progress is not None:
             progress.update(len(tasks))
     return accuracies, watch.seconds
@@ -98,8 +120,9 @@ def run_tasks(run: Run, mode: str, dataset, lr: float | None, options: AdaptConf
 
 
 def lr_dataset(config: Config, source, domain: str, count: int):
-    """(dataset, split) of the first ``count`` tasks that choose a domain's learning rate: its val split
-    where it has one that can make tasks of the configured way and shot, else its first test tasks."""
+    """(dataset, split) of the first ``count`` tasks that choose a domain's learning rate under
+    ``lr_choice=val_else_test``: its val split where it has one that can make tasks of the configured way
+    and shot, else its first test tasks."""
     if source[domain].classes("val"):
         try:
             return episodes.eval_dataset(config, source, domain, "val", count,
@@ -107,6 +130,17 @@ def lr_dataset(config: Config, source, domain: str, count: int):
         except ConfigError:
             pass  # too few val classes for the way: fall back to the test split
     return episodes.eval_dataset(config, source, domain, "test", count, config.evaluate.seed), "test"
+
+
+def lr_plan(config: Config, source, domain: str, options: AdaptConfig):
+    """(dataset, split) that chooses a domain's learning rate under ``options.lr_choice``; (None, 'support')
+    where each task chooses its own from its support set."""
+    if options.lr_choice == "support":
+        return None, "support"
+    dataset, split = lr_dataset(config, source, domain, options.lr_tasks)
+    if split == "test" and options.lr_choice == "val_else_support":
+        return None, "support"
+    return dataset, split
 
 
 def choose_lr(run: Run, mode: str, dataset, options: AdaptConfig, progress=None) -> tuple[float, dict]:
@@ -124,7 +158,7 @@ class Plan:
 
     run: Run
     test: dict  # {domain: EpisodeDataset}
-    lr_sets: dict  # {domain: (EpisodeDataset, split)}
+    lr_sets: dict  # {domain: (EpisodeDataset, split)}; (None, 'support'): each task chooses from its support
     roles: dict  # {domain: 'id' | 'ood'}
 
     def tasks(self, modes, options: AdaptConfig) -> int:
@@ -132,8 +166,9 @@ class Plan:
         for mode in modes:
             searched = mode in GRADIENT_MODES and len(options.learning_rates(mode)) > 1
             for domain, dataset in self.test.items():
-                total += len(dataset) + (len(options.learning_rates(mode)) * len(self.lr_sets[domain][0])
-                                         if searched else 0)
+                lr_set = self.lr_sets[domain][0]
+                total += len(dataset) + (len(options.learning_rates(mode)) * len(lr_set)
+                                         if searched and lr_set is not None else 0)
         return total
 
 
@@ -144,7 +179,7 @@ def plan_run(run: Run, modes, options: AdaptConfig) -> Plan:
         check_mode(run, mode)
     source = episodes.open_source(run.config)
     test = episodes.test_datasets(run.config, source)
-    lr_sets = {name: lr_dataset(run.config, source, name, options.lr_tasks) for name in test}
+    lr_sets = {name: lr_plan(run.config, source, name, options) for name in test}
     roles = {name: episodes.domain_role(name, source) for name in test}
     return Plan(run, test, lr_sets, roles)
 
@@ -157,16 +192,20 @@ def evaluate_mode(plan: Plan, mode: str, options: AdaptConfig, progress=None):
     run, results, seconds = plan.run, [], 0.0
     with PeakMemory(run.device) as memory:
         for domain, dataset in plan.test.items():
-            lr, split, scores = None, None, {}
+            lr, split, scores, chosen = None, None, {}, []
             if mode in GRADIENT_MODES:
                 rates = options.learning_rates(mode)
                 lr, split = rates[0], "fixed"
                 if len(rates) > 1:
-                    _describe(progress, run, mode, domain, "choosing lr")
                     lr_set, split = plan.lr_sets[domain]
-                    lr, scores = choose_lr(run, mode, lr_set, options, progress)
+                    lr = None  # split 'support': each task chooses its own while it is adapted
+                    if lr_set is not None:
+                        _describe(progress, run, mode, domain, "choosing lr")
+                        lr, scores = choose_lr(run, mode, lr_set, options, progress)
             _describe(progress, run, mode, domain, "test")
-            accuracies, elapsed = run_tasks(run, mode, dataset, lr, options, progress)
+            accuracies, elapsed = run_tasks(run, mode, dataset, lr, options, progress, chosen)
+            if chosen:  # per-task choice: {lr: share of the tasks that chose it}
+                scores = {rate: chosen.count(rate) / len(chosen) for rate in dict.fromkeys(chosen)}
             seconds += elapsed
             results.append(tables.ModeResult(run.name, run.method, mode, domain, plan.roles[domain], accuracies,
                                               elapsed, lr, split, scores))

@@ -66,7 +66,7 @@ class SoftMerge(RoutedModel):
 class PMF(TaskModel):
     """PMF: θ_i = θ_pre + δ for every task, one dense δ [1, N] (one expert, no router).
 
-    ``model.pmf_head='learnable'`` (PMF's code): the cosine head's scale (initialised to
+    ``model.pmf_head='learnable'`` (PMF's code; configs/baselines/pmf.yaml): the cosine head's scale (initialised to
     ``model.protonet_scale``) and bias (initialised to 0) are parameters, logits = scale·(cos + bias),
     meta-trained with δ and fixed at meta-test time."""
 
