@@ -93,9 +93,10 @@ class Specialist:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images [B, 3, H, W] → ProtoNet logits fp32 [B, n_way] (scale · cosine)."""
-        chunks = [protonet.cosine_logits(self.features(chunk).float(), self.prototypes, self.scale)
-                  for chunk in images.split(PREDICT_BATCH)]
-        return torch.cat(chunks) if chunks else images.new_zeros(0, len(self.class_names))
+        if not len(images):
+            return images.new_zeros(0, len(self.class_names), dtype=torch.float32)
+        return torch.cat([protonet.cosine_logits(self.features(chunk).float(), self.prototypes, self.scale)
+                          for chunk in images.split(PREDICT_BATCH)])
 
     def predict(self, images) -> Predictions:
         """Labels and probabilities of ``images`` (paths, PIL images, arrays, tensors, or a batch tensor
