@@ -14,6 +14,7 @@ class RunSpec:
     configs: tuple[str, ...] = ()  # YAML files, later ones overriding earlier ones
     overrides: tuple[str, ...] = ()  # key=value, after the files
     tau: float | None = None  # the run's expert sparsity target, for tables and figures (masked methods)
+    modes: tuple[str, ...] = ("protonet",)  # meta-test modes it is evaluated with (smat.evaluate's --mode)
 
     def train_arguments(self) -> list[str]:
         """The command line of ``python -m smat.train`` for a fresh run (without ``output=``)."""

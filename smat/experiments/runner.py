@@ -44,6 +44,12 @@ class RunResult:
     sparsity: list[float] | None  # each expert's hard sparsity (masked methods)
     overlap: list[list[float]] | None  # IoU of the experts' hard masks [M, M] (masked methods)
     alpha: dict | None  # {domain: [[α per task]]}, evaluation-time merging weights (routed methods)
+    mode: str = "protonet"
+
+    @property
+    def label(self) -> str:
+        """The row's name in tables: the run, and its mode unless it is ProtoNet."""
+        return self.spec.name if self.mode == "protonet" else f"{self.spec.name} + {self.mode}"
 
     def average(self, role: str) -> float:
         """Mean accuracy (%) over the domains of ``role``, each domain weighted equally."""
@@ -104,35 +110,36 @@ def alpha_by_domain(run, datasets: dict) -> dict:
     return alphas
 
 
-def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progress=None) -> RunResult:
-    """ProtoNet accuracy of one run's best checkpoint on ``plan.episodes`` test tasks per domain (cached)."""
+def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progress=None,
+                 mode: str = "protonet") -> RunResult:
+    """Accuracy of one run's best checkpoint under ``mode`` on ``plan.episodes`` test tasks per domain (cached)."""
     path = root / spec.name
     state = training_state(path) or {}
     key = {"episodes": plan.episodes, "step": state.get("step"), "best": checkpoint.resolve(path, "best").name}
-    cache = path / CACHE
+    cache = path / (CACHE if mode == "protonet" else CACHE.replace(".json", f"_{mode}.json"))
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             if progress is not None:
                 progress.update(sum(len(d["accuracies"]) for d in stored["domains"].values()))
-            return RunResult(spec, path, **{k: v for k, v in stored.items() if k != "key"})
+            return RunResult(spec, path, **{k: v for k, v in stored.items() if k != "key"}, mode=mode)
     run = load_run(path, device, [f"evaluate.episodes={plan.episodes}"])
     options = AdaptConfig()
-    evaluation = plan_run(run, ["protonet"], options)
-    results, _ = evaluate_mode(evaluation, "protonet", options, progress)
+    evaluation = plan_run(run, [mode], options)
+    results, _ = evaluate_mode(evaluation, mode, options, progress)
     model = run.model
     record = {
         "domains": {r.domain: {"role": r.role, "accuracies": r.accuracies} for r in results},
         "val_accuracy": float(run.state.get("best_val", float("nan"))),
         "sparsity": model.hard_sparsity().tolist() if model.masked else None,
         "overlap": mask_overlap(model.hard_masks().cpu()).tolist() if model.masked else None,
-        "alpha": alpha_by_domain(run, evaluation.test) if model.routed else None,
+        "alpha": alpha_by_domain(run, evaluation.test) if model.routed and mode == "protonet" else None,
     }
     atomic_write_json(cache, {"key": key, **record})
-    return RunResult(spec, path, **record)
+    return RunResult(spec, path, **record, mode=mode)
 
 
 def evaluate_plan(plan: ExperimentPlan, root: Path, device=None) -> list[RunResult]:
-    """Every run of the plan evaluated on the same test tasks, in plan order."""
+    """Every run of the plan under each of its modes, on the same test tasks, in plan order."""
     with tqdm(desc=f"{plan.name}: evaluate", unit="task", dynamic_ncols=True) as progress:
-        return [evaluate_run(plan, spec, root, device, progress) for spec in plan.runs]
+        return [evaluate_run(plan, spec, root, device, progress, mode) for spec in plan.runs for mode in spec.modes]

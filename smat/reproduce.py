@@ -1,0 +1,211 @@
+"""``python -m smat.reproduce``: the paper's Table 1, Table 2 and Fig. 3 at full scale, one command each.
+
+    python -m smat.reproduce table1 --data-root /data/metadataset_h5 [--backbone-weights dino_deitsmall16.pth]
+    python -m smat.reproduce table2 --data-root … [--backbone vit_base] [--preset authors_code]
+    python -m smat.reproduce fig3 --data-root … --dry-run [--step-seconds 1.9 | --measure-steps 3]
+
+Each row is a run: the backbone's config (``configs/vit_small_dino_metadataset.yaml``, or ViT-B) plus the
+row's overlay (``configs/baselines/``, ``configs/ablations/``) and, with ``--preset authors_code``, the
+authors' recipe (``configs/presets/``). Rows without a finished run are trained (resumed where interrupted);
+every run is evaluated on the same test tasks (``--episodes``, 600 as the paper); the table is written next
+to the paper's numbers in ``<output>/<table>.md``. ``--dry-run`` prints the runs, their commands and the
+GPU-hours they need, from ``--step-seconds`` or from steps measured here (``--measure-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, load_config, validate
+from .data import DataError
+from .evaluation.metrics import confidence_interval
+from .evaluation.tables import ModeResult, results_markdown
+from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
+from .experiments.figures import plot_tradeoff
+from .experiments.runner import ExperimentError, RunResult
+from .runtime import checkpoint
+from .runtime.device import resolve_device
+from .runtime.distributed import World
+from .runtime.io import OutputError, atomic_write_text, ensure_writable_dir
+from .training import Trainer, TrainingError
+
+BACKBONES = {"vit_small": "vit_small_dino_metadataset.yaml", "vit_base": "vit_base_dino_metadataset.yaml"}
+# the paper's averages (DINO ViT-S, no fine-tuning unless named), ../shared/REFERENCE.md: (ID, OOD)
+PAPER = {
+    "table1": {"pretrained": (71.29, 64.07), "pmf": (84.23, 64.10), "softmerge": (84.40, 64.87),
+               "smat": (85.14, 67.27), "smat + full": (85.81, 75.31), "smat + lora": (85.88, 75.02)},
+    "table2": {"smat": (85.14, 67.27), "no_dense_teacher": (85.07, 66.44), "no_interpolation": (84.77, 67.02),
+               "no_support_query_split": (82.35, 63.64), "fixed_mlp_experts": (85.21, 66.21),
+               "pmf": (84.23, 64.10)},
+}
+FIG3_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+FIG3_EXPERTS = (4, 8, 16)
+
+
+def configs_folder(given: str | None) -> Path:
+    """``--configs``, else ./configs, else the configs/ of the checkout this package runs from."""
+    for folder in ([Path(given)] if given else [Path("configs"), Path(__file__).resolve().parents[1] / "configs"]):
+        if (folder / BACKBONES["vit_small"]).is_file():
+            return folder
+    raise ConfigError(f"no configs folder with {BACKBONES['vit_small']} at {given or './configs'}; run from a "
+                      f"checkout of smat or pass --configs PATH/TO/configs")
+
+
+def plan_for(table: str, configs: Path, backbone: str, preset: str | None, episodes: int) -> ExperimentPlan:
+    base = [str(configs / BACKBONES[backbone])] + ([str(configs / "presets" / f"{preset}.yaml")] if preset else [])
+
+    def row(name: str, method: str, overlay: str | None = None, **options) -> RunSpec:
+        files = base + ([str(configs / overlay)] if overlay else [])
+        return RunSpec(name, method, tuple(files), **options)
+
+    if table == "table1":
+        runs = [row("pretrained", "pretrained", "baselines/pretrained.yaml"), row("pmf", "pmf", "baselines/pmf.yaml"),
+                row("softmerge", "softmerge", "baselines/softmerge.yaml"),
+                row("smat", "smat", modes=("protonet", "full", "lora"))]
+    elif table == "table2":
+        runs = [row("smat", "smat"), row("no_dense_teacher", "smat", "ablations/no_dense_teacher.yaml"),
+                row("no_interpolation", "smat_independent", "ablations/no_interpolation.yaml"),
+                row("no_support_query_split", "smat", "ablations/no_support_query_split.yaml"),
+                row("fixed_mlp_experts", "smat", "ablations/fixed_mlp_experts.yaml"),
+                row("pmf", "pmf", "baselines/pmf.yaml")]
+    else:
+        runs = [row(f"smat_tau{tau:g}_m{experts}", "smat", tau=tau,
+                    overrides=(f"train.tau={tau}", f"model.num_experts={experts}"))
+                for experts in FIG3_EXPERTS for tau in FIG3_TAUS]
+        runs += [row("pretrained", "pretrained", "baselines/pretrained.yaml"), row("pmf", "pmf", "baselines/pmf.yaml")]
+    return ExperimentPlan(table, runs, episodes)
+
+
+def run_config(plan: ExperimentPlan, spec: RunSpec):
+    return validate(load_config(list(spec.configs), [f"method={spec.method}", *spec.overrides,
+                                                     *plan.shared_overrides]))
+
+
+def measure_step_seconds(plan: ExperimentPlan, steps: int, log=print) -> float:
+    """Median seconds of ``steps`` meta-training steps of the plan's first SMAT run, on this machine."""
+    spec = next((s for s in plan.runs if s.method == "smat"), plan.runs[0])
+    config = run_config(plan, spec)
+    train = config.train  # enough steps to measure, whatever the run's length
+    train.tasks_per_epoch = max(train.tasks_per_epoch, (steps + 1) * train.meta_batch)
+    device = resolve_device(config.device)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(config, Path(folder), device, World(), log=lambda *a, **k: None)
+        batches, times = iter(trainer.batches()), []
+        for index in range(steps + 1):  # the first step (allocation, autotuning) is not counted
+            start = time.perf_counter()
+            trainer.train_step(next(batches))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index:
+                times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    log(f"measured {seconds:.2f} s per meta-training step of {spec.name} on {name} ({steps} steps)")
+    return seconds
+
+
+def dry_run(plan: ExperimentPlan, step_seconds: float, log=print) -> float:
+    """Print every run with its command and training time; returns the total in hours."""
+    total = 0.0
+    for spec in plan.runs:
+        config = run_config(plan, spec)
+        steps = 0 if spec.method == "pretrained" else (
+            config.train.epochs * max(1, config.train.tasks_per_epoch // config.train.meta_batch))
+        hours = steps * step_seconds / 3600
+        total += hours
+        modes = ", ".join(spec.modes)
+        log(f"- {spec.name}: {steps} steps, {hours:.1f} h; evaluated with {modes}\n"
+            f"    python -m smat.train {' '.join(plan.arguments(spec))} output=<output>/{spec.name}")
+    log(f"{len(plan.runs)} runs, about {total:.1f} GPU-hours of meta-training at {step_seconds:.2f} s per step "
+        f"(validation and testing not included)")
+    return total
+
+
+def paper_table(table: str, results: list[RunResult]) -> str:
+    """The role averages of every row (mean ± 95% CI over the domains' means) beside the paper's."""
+    lines = ["| row | ID | OOD | paper ID | paper OOD |", "|---|---|---|---|---|"]
+    paper = PAPER.get(table, {})
+    for result in results:
+        cells = []
+        for role in ("id", "ood"):
+            means = [confidence_interval(d["accuracies"]) for d in result.domains.values() if d["role"] == role]
+            mean = 100 * sum(m for m, _ in means) / len(means) if means else float("nan")
+            half = 100 * (sum(h * h for _, h in means) ** 0.5) / len(means) if means else float("nan")
+            cells.append(f"{mean:.2f} ± {half:.2f}")
+        reference = paper.get(result.label, (None, None))
+        cells += [f"{value:.2f}" if value is not None else "–" for value in reference]
+        lines.append(f"| {result.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reproduce(args, log=print) -> int:
+    configs = configs_folder(args.configs)
+    plan = plan_for(args.table, configs, args.backbone, args.preset, args.episodes)
+    plan.shared_overrides += [f"data.root={args.data_root}"]
+    if args.backbone_weights:
+        plan.shared_overrides.append(f"model.weights={args.backbone_weights}")
+    plan.shared_overrides += args.overrides
+    for spec in plan.runs:  # every row's config is checked before anything runs
+        run_config(plan, spec)
+    if args.dry_run:
+        seconds = args.step_seconds or measure_step_seconds(plan, args.measure_steps, log)
+        dry_run(plan, seconds, log)
+        return 0
+    root = ensure_writable_dir(Path(args.output) / args.table)
+    train_plan(plan, root, log)
+    results = evaluate_plan(plan, root, resolve_device(args.device) if args.device else None)
+    rows = [ModeResult(r.label, r.spec.method, r.mode, name, d["role"], d["accuracies"], 0.0)
+            for r in results for name, d in r.domains.items()]
+    text = (f"# {args.table}: {args.backbone}, {plan.episodes} test tasks per domain"
+            + (f", preset {args.preset}" if args.preset else "") + "\n\n" + paper_table(args.table, results)
+            + "\n\n## Per domain (%, mean ± 95% CI)\n\n" + results_markdown(rows) + "\n")
+    atomic_write_text(root / f"{args.table}.md", text)
+    if args.table == "fig3":
+        plot_tradeoff(results, root / "fig3_id_ood.png")
+    log(text)
+    return 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m smat.reproduce", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=("table1", "table2", "fig3"))
+    parser.add_argument("--data-root", required=True, help="Meta-Dataset in PMF's .h5 layout")
+    parser.add_argument("--backbone-weights", help="DINO weights file (default: timm's cache)")
+    parser.add_argument("--backbone", choices=tuple(BACKBONES), default="vit_small")
+    parser.add_argument("--preset", choices=("authors_code",), help="the authors' code's recipe instead of the paper's")
+    parser.add_argument("--configs", help="the configs/ folder (default: ./configs, else the checkout's)")
+    parser.add_argument("--output", default="runs/reproduce", help="runs go to OUTPUT/<table>/<row>")
+    parser.add_argument("--episodes", type=int, default=600, help="test tasks per domain (the paper: 600)")
+    parser.add_argument("--device", help="where evaluation runs (default: each run config's device)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their GPU-hours; train nothing")
+    parser.add_argument("--step-seconds", type=float, help="seconds per meta-training step for --dry-run")
+    parser.add_argument("--measure-steps", type=int, default=3, help="steps measured for --dry-run (default 3)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    args = parser.parse_intermixed_args(argv)
+    if args.episodes < 2:
+        parser.error(f"--episodes must be at least 2; got {args.episodes}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return reproduce(args)
+    except (ConfigError, DataError, ExperimentError, OutputError, TrainingError, checkpoint.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (finished runs are kept in {args.output})",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
