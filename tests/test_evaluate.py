@@ -251,3 +251,11 @@ def test_module_entry_point_reports_a_missing_run(tmp_path):
                                cwd=tmp_path)
     assert completed.returncode == 2
     assert "does not exist" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_learning_rate_table_shows_per_task_choices():
+    results = [ModeResult("a", "smat", "full", "latin", "id", [0.5], 1.0, 1e-3, "val", {}),
+               ModeResult("a", "smat", "full", "digits", "ood", [0.5], 1.0, None, "support", {1e-3: 0.75, 0.0: 0.25})]
+    table = learning_rates_markdown(results)
+    assert "| latin | 0.001 (val) |" in table
+    assert "| digits | per task (support): 0.001 × 75%, 0 × 25% |" in table

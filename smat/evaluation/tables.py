@@ -121,17 +121,25 @@ def results_csv(results: list[ModeResult]) -> str:
 
 def learning_rates_markdown(results: list[ModeResult]) -> str:
     """The learning rate each gradient-based column used per domain, and the split whose first tasks chose
-    it ('test': the domain has no val split, so those tasks are also among the ones reported)."""
-    chosen = [r for r in results if r.lr is not None]
+    it ('test': the domain has no val split, so those tasks are also among the ones reported; 'support': each
+    task chose its own from its support set, shown as the share of tasks per rate)."""
+    chosen = [r for r in results if r.lr is not None or r.lr_split == "support"]
     if not chosen:
         return ""
     labels = column_labels(chosen)
     columns = list(dict.fromkeys(labels.values()))
-    cells = {(r.domain, labels[r.run, r.mode]): f"{r.lr:g} ({r.lr_split})" for r in chosen}
+    cells = {(r.domain, labels[r.run, r.mode]): _rate_cell(r) for r in chosen}
     lines = ["| domain | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for domain in dict.fromkeys(r.domain for r in chosen):
         lines.append(f"| {domain} | " + " | ".join(cells.get((domain, c), "—") for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _rate_cell(result: ModeResult) -> str:
+    if result.lr is not None:
+        return f"{result.lr:g} ({result.lr_split})"
+    shares = sorted(result.lr_scores.items(), key=lambda item: -item[1])
+    return "per task (support): " + ", ".join(f"{float(rate):g} × {share:.0%}" for rate, share in shares)
 
 
 def _cost_rows(costs: list[ModeCost], results: list[ModeResult]) -> list[list[str]]:
