@@ -7,7 +7,17 @@ from smat.data import BUILTIN_DOMAINS, ID_DOMAINS, OOD_DOMAINS, PRETRAIN_DOMAIN,
 from smat.data.__main__ import main
 from smat.data.builtin import NATIVE_SIZE, cache_path
 from smat.data.builtin.cache import cache_dir
-from smat.data.builtin.glyphs import script_characters
+from smat.data.builtin.glyphs import PRETRAIN, script_characters, shape_or_digit
+from smat.data.builtin.pretrain_families import (
+    BANDPASS_CENTRES,
+    KINDS,
+    MAX_SHAPE_IOU,
+    WAVE_FREQUENCIES,
+    blob_classes,
+    iou,
+    polygon_mask,
+)
+from smat.data.builtin.shapes import FAMILIES, FREQUENCIES, TEXTURES
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +44,7 @@ def test_roles(source):
 
 @pytest.mark.parametrize("name,channels,classes,images", [
     ("digits", None, 10, 1797), ("shapes", 3, 44, 44 * 40), ("textures", 3, 28, 28 * 40),
-    ("hebrew_arabic", None, None, None), ("pretrain", None, 640, 640 * 20),
+    ("hebrew_arabic", None, None, None), ("pretrain", 3, 240 + 160, (240 + 160) * 40),
 ])
 def test_shapes_and_class_counts(source, name, channels, classes, images):
     domain = source[name]
@@ -97,3 +107,46 @@ def test_cli_show_writes_a_png(cache, monkeypatch, tmp_path, capsys):
         assert image.width > 3 * 32 and image.height > 3 * 32
     assert main(["show", "no_such_domain", "--out", str(out)]) == 2
     assert "no built-in domain" in capsys.readouterr().err
+
+
+def test_no_test_class_in_pretraining_by_identity(source):
+    """Pre-training shares no class with any ID or OOD domain: not a character, not a digit, not a shape or
+    texture family, not a generator setting, and no procedural outline that looks like a test shape."""
+    characters = script_characters()
+    pretrain = set(characters[PRETRAIN])
+    for domain, group in characters.items():
+        if domain != PRETRAIN:
+            assert not pretrain & set(group), domain
+    assert not [c for c in pretrain if shape_or_digit(c)]  # no ➊ (digit one), no ▲ (triangle), no ➔ (arrow)
+    assert shape_or_digit("▲") and shape_or_digit("➊") and shape_or_digit("★") and not shape_or_digit("ᐁ")
+    names = source[PRETRAIN_DOMAIN].class_names
+    glyph_names = {n for n in names if n.startswith("U+")}
+    assert {chr(int(n.split()[0][2:], 16)) for n in glyph_names} <= pretrain
+    for name in (*ID_DOMAINS, *OOD_DOMAINS):
+        assert not set(names) & set(source[name].class_names), name
+    procedural_kinds = {n.split()[0] for n in names if not n.startswith("U+")}
+    assert procedural_kinds == set(KINDS)
+    test_families = set(FAMILIES) | set(TEXTURES)
+    assert not procedural_kinds & test_families
+    assert not {k.rstrip("s") for k in procedural_kinds} & {f.rstrip("s") for f in test_families}
+    assert not set(WAVE_FREQUENCIES + BANDPASS_CENTRES) & set(FREQUENCIES.values())
+    # the outlines: none overlaps a test shape family at any rotation (checked every 5°, generated every 10°)
+    outlines = blob_classes(12, np.random.default_rng(0))
+    for outline in outlines:
+        mask = polygon_mask([(outline, 1)])
+        for parts in FAMILIES.values():
+            worst = max(iou(mask, polygon_mask(parts, np.deg2rad(d))) for d in range(0, 360, 5))
+            assert worst < MAX_SHAPE_IOU + 0.05
+
+
+def test_meta_training_never_sees_a_test_class(source):
+    """ID domains: train, val and test splits hold different characters / shape families; OOD domains and the
+    pre-training domain hold none of the ID test classes."""
+    for name in ID_DOMAINS:
+        domain = source[name]
+        by_split = {split: {domain.class_names[c] for c in domain.classes(split)} for split in ("train", "val", "test")}
+        assert not by_split["train"] & by_split["test"] and not by_split["val"] & by_split["test"]
+        assert not by_split["train"] & by_split["val"]
+        families = {split: {n.split(" (")[0] for n in names} for split, names in by_split.items()}
+        if name == "shapes":  # a family's filled and outline classes may sit in different splits: report it
+            assert families["train"] | families["test"] <= set(FAMILIES)

@@ -9,11 +9,14 @@ built-in pre-training cache (:mod:`smat.pretrain`).
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
@@ -22,10 +25,38 @@ from ..config import BuiltinArch, ConfigError, ModelConfig
 BUILTIN = "builtin"
 
 
+class ConvStem(PatchEmbed):
+    """timm's PatchEmbed with a small convolutional stem in place of the one linear patch projection.
+
+    log2(patch_size) − 1 stride-2 3×3 convolutions (GELU after each, widths doubling up to the embedding
+    width), then a stride-2 2×2 convolution to ``embed_dim``: the same token grid as a patch embedding,
+    with the locality prior a ViT trained from scratch on a few thousand tiny images lacks (Xiao et al.
+    2021, "Early convolutions help transformers see better"). No normalisation layers with running
+    statistics, so the whole backbone stays a pure function of its parameters under SMAT's merge.
+    """
+
+    def __init__(self, *args, stem_width: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        patch = self.patch_size[0]
+        stages = int(math.log2(patch))
+        if 2 ** stages != patch or self.patch_size[0] != self.patch_size[1] or stages < 1:
+            raise ValueError(f"the conv stem needs a square power-of-two patch size; got {self.patch_size}")
+        in_chans, embed_dim = self.proj.in_channels, self.proj.out_channels
+        layers, width = [], in_chans
+        for stage in range(stages - 1):
+            out = min(stem_width * 2 ** stage, embed_dim)
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GELU()]
+            width = out
+        layers.append(nn.Conv2d(width, embed_dim, 2, stride=2))
+        self.proj = nn.Sequential(*layers)
+
+
 def create_builtin(arch: BuiltinArch, image_size: int) -> nn.Module:
+    """The small built-in ViT (a timm VisionTransformer): a linear patch embedding or a conv stem."""
+    embed_layer = functools.partial(ConvStem, stem_width=arch.stem_width) if arch.stem == "conv" else PatchEmbed
     return VisionTransformer(img_size=image_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim,
                              depth=arch.depth, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio,
-                             num_classes=0, qkv_bias=True)
+                             num_classes=0, qkv_bias=True, embed_layer=embed_layer)
 
 
 def create_backbone(config: ModelConfig, weights: str | Path | None = None, pretrained: bool = True) -> nn.Module:

@@ -46,6 +46,20 @@ SCRIPTS: dict[str, tuple[tuple[int, int], ...]] = {
 }
 # Character categories that draw a standalone shape (no combining marks, spaces or controls).
 DRAWABLE = ("L", "N", "S", "P")
+PRETRAIN = "pretrain_glyphs"
+# Pre-training glyphs must not be a test class under another code point: no digit (the digits domain: ➊ is
+# the digit one) and no character named after a test shape family (▲ is 'triangle (filled)', ➔ an arrow).
+SHAPE_WORDS = ("TRIANGLE", "SQUARE", "PENTAGON", "HEXAGON", "OCTAGON", "STAR", "CIRCLE", "ELLIPSE", "RING",
+               "CRESCENT", "HEART", "PLUS", "CROSS", "ARROW", "BAR", "RECTANGLE", "TRAPEZIUM", "TRAPEZOID",
+               "PARALLELOGRAM", "DIAMOND", "LOZENGE", "MOON")
+
+
+def shape_or_digit(character: str) -> bool:
+    """True for a digit in any script, or a character whose name has a word of a test shape family."""
+    if unicodedata.digit(character, None) is not None or unicodedata.numeric(character, None) is not None:
+        return True
+    words = set(unicodedata.name(character, "").replace("-", " ").split())
+    return any(word in words or word + "S" in words for word in SHAPE_WORDS)
 DUPLICATE_INK = 0.05
 
 
@@ -107,6 +121,8 @@ def script_characters() -> dict[str, tuple[str, ...]]:
             for code_point in range(start, stop + 1):
                 character = chr(code_point)
                 if unicodedata.category(character)[0] not in DRAWABLE:
+                    continue
+                if domain == PRETRAIN and shape_or_digit(character):
                     continue
                 canonical = _canonical(character)
                 if canonical is not None:
