@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import Config, ConfigError, from_dict, merge_values, parse_override, validate
+from ..config import Config, ConfigError, merge_values, parse_override, run_config_from_dict, validate
 from ..model import TaskModel, build, check_compatible
 from ..model.backbone import create_backbone
 from ..runtime import checkpoint
@@ -62,7 +62,7 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    config = from_dict(values)
+    config = run_config_from_dict(values)
     for text in overrides:
         merge_values(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
     return validate(config)
