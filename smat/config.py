@@ -121,7 +121,7 @@ class DataConfig:
     protocol: str = "fixed"  # fixed N-way K-shot, or Meta-Dataset's variable way and shot
     n_way: int = 5
     k_shot: int = 5
-    q_query: int = 5
+    q_query: int = 10  # 10 queries per class: per-task accuracy in steps of 2%, tighter intervals than 5
     num_workers: int = 0
     # training-set augmentation (the protocol: crop scale [0.08, 1], flip on, colour jitter 0.4). Mirrored
     # glyphs are other characters, and on the built-in 32 px glyphs jitter and strong crops made the
@@ -201,7 +201,7 @@ class TrainConfig:
     lambda_schedule: bool = False
     precision: str = "auto"  # auto: bf16 autocast on GPUs that have it, else fp16 on GPU, fp32 on CPU
     task_parallel: str = "auto"  # run the B tasks' backbones in a loop or under torch.func.vmap
-    val_episodes: int = 20  # fixed validation episodes per training domain, every epoch
+    val_episodes: int = 40  # fixed validation episodes per training domain, every epoch
     max_nonfinite: int = 20  # consecutive skipped steps (NaN/inf loss) before training stops
     log_every: int = 10
     alignment_every: int = 10  # log the meta-gradient alignment between tasks every k steps (0: never)
