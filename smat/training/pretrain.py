@@ -167,4 +167,5 @@ def _pretrain(config: Config, log, data) -> tuple[nn.Module, dict]:
     backbone.eval()
     return backbone, {"classes": num_classes, "images": len(train_index), "held_out_images": len(held_index),
                       "epochs": settings.epochs, "train_accuracy": correct / max(seen, 1),
-                      "held_out_accuracy": held_out, "curve": curve, "config_key": cache_key(config)}
+                      "held_out_accuracy": held_out, "curve": curve, "threads": torch.get_num_threads(),
+                      "config_key": cache_key(config)}
