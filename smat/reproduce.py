@@ -23,17 +23,15 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError, load_config, validate
-from .data import DataError
 from .evaluation.metrics import confidence_interval
 from .evaluation.tables import ModeResult, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
 from .experiments.figures import plot_tradeoff
-from .experiments.runner import ExperimentError, RunResult
-from .runtime import checkpoint
+from .experiments.runner import RunResult, run_command
 from .runtime.device import resolve_device
 from .runtime.distributed import World
-from .runtime.io import OutputError, atomic_write_text, ensure_writable_dir
-from .training import Trainer, TrainingError
+from .runtime.io import atomic_write_text, ensure_writable_dir
+from .training import Trainer
 
 BACKBONES = {"vit_small": "vit_small_dino_metadataset.yaml", "vit_base": "vit_base_dino_metadataset.yaml"}
 # the paper's averages (DINO ViT-S, no fine-tuning unless named), ../shared/REFERENCE.md: (ID, OOD)
@@ -196,15 +194,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return reproduce(args)
-    except (ConfigError, DataError, ExperimentError, OutputError, TrainingError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume (finished runs are kept in {args.output})",
-              file=sys.stderr)
-        return 130
+    return run_command(lambda: reproduce(args), args.output)
 
 
 if __name__ == "__main__":

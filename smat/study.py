@@ -23,17 +23,15 @@ import argparse
 import json
 import sys
 
-from .analysis import AnalysisError, analyse_run, open_run
-from .config import ConfigError, load_config
-from .data import DataError
+from .analysis import analyse_run, open_run
+from .config import load_config
 from .evaluation.tables import ModeResult, results_csv, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
 from .experiments.claims import chosen_smat, judge_claims
 from .experiments.figures import plot_tradeoff
-from .experiments.runner import ExperimentError
-from .runtime import checkpoint
+from .experiments.runner import run_command
 from .runtime.device import resolve_device
-from .runtime.io import OutputError, atomic_write_json, atomic_write_text, ensure_writable_dir
+from .runtime.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 EPISODES, QUICK_EPISODES = 300, 50
@@ -116,16 +114,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        run_study(args)
-    except (AnalysisError, ConfigError, DataError, ExperimentError, OutputError, checkpoint.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; run the same command again to resume (finished runs are kept in {args.output})",
-              file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run_study(args), args.output)
 
 
 if __name__ == "__main__":

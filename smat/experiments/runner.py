@@ -18,12 +18,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapt import AdaptConfig
-from ..analysis import mask_overlap
-from ..data import episodes
+from ..analysis import AnalysisError, mask_overlap
+from ..config import ConfigError
+from ..data import DataError, episodes
 from ..evaluation.modes import evaluate_mode, plan_run
 from ..evaluation.runs import load_run
 from ..runtime import checkpoint
-from ..runtime.io import atomic_write_json
+from ..runtime.io import OutputError, atomic_write_json
+from ..training import TrainingError
 from .plan import ExperimentPlan, RunSpec
 
 CACHE = "experiment_evaluation.json"
@@ -143,3 +145,22 @@ def evaluate_plan(plan: ExperimentPlan, root: Path, device=None) -> list[RunResu
     """Every run of the plan under each of its modes, on the same test tasks, in plan order."""
     with tqdm(desc=f"{plan.name}: evaluate", unit="task", dynamic_ncols=True) as progress:
         return [evaluate_run(plan, spec, root, device, progress, mode) for spec in plan.runs for mode in spec.modes]
+
+
+# what a plan's command reports as one `error:` line (a user's data, config, disk or a failed run)
+USER_ERRORS = (AnalysisError, ConfigError, DataError, ExperimentError, OutputError, TrainingError,
+               checkpoint.CheckpointError)
+
+
+def run_command(work, output: str) -> int:
+    """Exit code of a plan's command: 0, 2 with one `error:` line, or 130 on Ctrl-C with how to resume."""
+    try:
+        work()
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to resume (finished runs are kept in {output})",
+              file=sys.stderr)
+        return 130
+    return 0
