@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config, validate
+from .config import ConfigError
 from .evaluation.metrics import confidence_interval
 from .evaluation.tables import ModeResult, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
@@ -80,15 +80,10 @@ def plan_for(table: str, configs: Path, backbone: str, preset: str | None, episo
     return ExperimentPlan(table, runs, episodes)
 
 
-def run_config(plan: ExperimentPlan, spec: RunSpec):
-    return validate(load_config(list(spec.configs), [f"method={spec.method}", *spec.overrides,
-                                                     *plan.shared_overrides]))
-
-
 def measure_step_seconds(plan: ExperimentPlan, steps: int, log=print) -> float:
     """Median seconds of ``steps`` meta-training steps of the plan's first SMAT run, on this machine."""
     spec = next((s for s in plan.runs if s.method == "smat"), plan.runs[0])
-    config = run_config(plan, spec)
+    config = plan.config(spec)
     train = config.train  # enough steps to measure, whatever the run's length
     train.tasks_per_epoch = max(train.tasks_per_epoch, (steps + 1) * train.meta_batch)
     device = resolve_device(config.device)
@@ -112,7 +107,7 @@ def dry_run(plan: ExperimentPlan, step_seconds: float, log=print) -> float:
     """Print every run with its command and training time; returns the total in hours."""
     total = 0.0
     for spec in plan.runs:
-        config = run_config(plan, spec)
+        config = plan.config(spec)
         steps = 0 if spec.method == "pretrained" else (
             config.train.epochs * max(1, config.train.tasks_per_epoch // config.train.meta_batch))
         hours = steps * step_seconds / 3600
@@ -149,8 +144,7 @@ def reproduce(args, log=print) -> int:
     if args.backbone_weights:
         plan.shared_overrides.append(f"model.weights={args.backbone_weights}")
     plan.shared_overrides += args.overrides
-    for spec in plan.runs:  # every row's config is checked before anything runs
-        run_config(plan, spec)
+    plan.check()  # every row's config, before anything runs
     if args.dry_run:
         seconds = args.step_seconds or measure_step_seconds(plan, args.measure_steps, log)
         dry_run(plan, seconds, log)

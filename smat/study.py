@@ -71,6 +71,7 @@ def summary_markdown(plan: ExperimentPlan, results, claims) -> str:
 
 def run_study(args, log=print) -> dict:
     plan = study_plan(args.quick, args.episodes, args.overrides)
+    plan.check()  # every run's config, before anything is written
     root = ensure_writable_dir(args.output)
     device = resolve_device(args.device) if args.device else None
     train_plan(plan, root, log)

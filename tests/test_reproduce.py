@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from test_data_sources import write_h5_source
 
-from smat.reproduce import FIG3_EXPERTS, FIG3_TAUS, PAPER, plan_for, run_config
+from smat.reproduce import FIG3_EXPERTS, FIG3_TAUS, PAPER, plan_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.backbone=vit_tiny_patch16_224", "model.image_size=32", "model.num_experts=2",
@@ -58,7 +58,7 @@ def changed_keys(config, reference) -> set[str]:
 def test_each_row_changes_only_what_its_overlay_names(tmp_path):
     plan = plan_for("table2", CONFIGS, "vit_small", None, 600)
     plan.shared_overrides += [f"data.root={tmp_path}"]
-    configs = {spec.name: run_config(plan, spec) for spec in plan.runs}
+    configs = {spec.name: plan.config(spec) for spec in plan.runs}
     reference = configs["smat"]
     assert changed_keys(configs["no_dense_teacher"], reference) == {"train.teacher_steps"}
     assert changed_keys(configs["no_support_query_split"], reference) == {"train.support_query_split"}
@@ -73,7 +73,7 @@ def test_the_fig3_plan_and_the_presets(tmp_path):
     smat = [spec for spec in plan.runs if spec.method == "smat"]
     assert len(smat) == len(FIG3_TAUS) * len(FIG3_EXPERTS)
     plan.shared_overrides += [f"data.root={tmp_path}"]
-    config = run_config(plan, smat[0])
+    config = plan.config(smat[0])
     assert config.model.backbone.startswith("vit_base") and config.train.tau == FIG3_TAUS[0]
     assert config.model.num_experts == FIG3_EXPERTS[0]
     assert any("authors_code" in path for path in config.config_files)

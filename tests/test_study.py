@@ -95,7 +95,9 @@ def test_the_plan_gives_every_method_the_same_budget():
     assert [r.name for r in plan.runs][:3] == ["pretrained", "pmf", "softmerge"]
     assert sorted(r.tau for r in plan.runs if r.method == "smat") == sorted(TAUS)
     assert plan.episodes == 50 and plan.shared_overrides[-1] == "train.epochs=1"
-    assert all(plan.arguments(r)[-len(plan.shared_overrides):] == plan.shared_overrides for r in plan.runs)
+    for run in plan.runs:  # the shared overrides, then the run's own (a shared train.tau cannot undo the sweep)
+        assert plan.arguments(run) == [f"method={run.method}", *plan.shared_overrides, *run.overrides]
+    assert plan.config(plan.runs[-1]).train.tau == TAUS[-1]
     with pytest.raises(ValueError, match="more than once"):
         ExperimentPlan("x", [RunSpec("a", "smat"), RunSpec("a", "pmf")], 2)
 

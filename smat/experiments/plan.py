@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import Config, load_config, validate
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -12,14 +14,9 @@ class RunSpec:
     name: str
     method: str
     configs: tuple[str, ...] = ()  # YAML files, later ones overriding earlier ones
-    overrides: tuple[str, ...] = ()  # key=value, after the files
+    overrides: tuple[str, ...] = ()  # key=value, after the files and the plan's shared overrides
     tau: float | None = None  # the run's expert sparsity target, for tables and figures (masked methods)
     modes: tuple[str, ...] = ("protonet",)  # meta-test modes it is evaluated with (smat.evaluate's --mode)
-
-    def train_arguments(self) -> list[str]:
-        """The command line of ``python -m smat.train`` for a fresh run (without ``output=``)."""
-        files = [argument for path in self.configs for argument in ("--config", path)]
-        return [*files, f"method={self.method}", *self.overrides]
 
 
 @dataclass
@@ -29,7 +26,7 @@ class ExperimentPlan:
     name: str
     runs: list[RunSpec]
     episodes: int  # test tasks per domain
-    shared_overrides: list[str] = field(default_factory=list)  # applied to every run, after its own
+    shared_overrides: list[str] = field(default_factory=list)  # applied to every run, before its own
 
     def __post_init__(self):
         names = [run.name for run in self.runs]
@@ -37,5 +34,19 @@ class ExperimentPlan:
         if duplicated:
             raise ValueError(f"plan {self.name!r} names runs more than once: {', '.join(duplicated)}")
 
+    def overrides(self, run: RunSpec) -> list[str]:
+        """The shared overrides first, then the run's own: a shared ``train.tau=…`` cannot undo a τ sweep."""
+        return [f"method={run.method}", *self.shared_overrides, *run.overrides]
+
     def arguments(self, run: RunSpec) -> list[str]:
-        return [*run.train_arguments(), *self.shared_overrides]
+        """The command line of ``python -m smat.train`` for a fresh run (without ``output=``)."""
+        return [*(argument for path in run.configs for argument in ("--config", path)), *self.overrides(run)]
+
+    def config(self, run: RunSpec) -> Config:
+        """The validated config ``python -m smat.train`` will run for ``run`` (a ConfigError says what is wrong)."""
+        return validate(load_config(list(run.configs), self.overrides(run)))
+
+    def check(self) -> None:
+        """Validate every run's config before anything is trained."""
+        for run in self.runs:
+            self.config(run)
