@@ -9,30 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat import model as methods
 from smat.adapt import AdaptConfig, validate_adapt
 from smat.adapt.cost import CPU_KIND, PeakMemory, Stopwatch
 from smat.adapt.finetune import backbone_accuracy, full_finetune, task_backbone
 from smat.adapt.lora import add_lora, lora_finetune, lora_parameters, target_pattern
 from smat.adapt.select import binary_to_alpha, initial_binary, select_experts, support_losses
-from smat.config import ConfigError, load_config
-from smat.data import episodes
-from smat.model.backbone import create_builtin
+from smat.config import ConfigError
 from smat.model.protonet import support_cross_entropy
 from smat.training import objective
 
 TEMPERATURE = 1.0
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = load_config(None, ["data.n_way=3", "data.k_shot=2", "data.q_query=2"])
-    torch.manual_seed(0)
-    model = methods.build(config, create_builtin(config.model.builtin, config.model.image_size)).eval()
-    with torch.no_grad():
-        model.delta.normal_(0.0, 0.1)
-    dataset = episodes.eval_dataset(config, episodes.open_source(config), "latin", "test", 2, seed=3)
-    return model, [dataset[i] for i in range(len(dataset))]
 
 
 def clean_support_loss(backbone, task, scale=10.0) -> float:

@@ -23,7 +23,6 @@ from smat.adapt.finetune import (
 )
 from smat.adapt.lora import SlicedLoRA, add_lora, lora_finetune, lora_parameters
 from smat.config import ConfigError, load_config, validate
-from smat.data import episodes
 from smat.data.transforms import diff_augment
 from smat.evaluation import modes, runs
 from smat.model import protonet
@@ -34,17 +33,6 @@ from smat.training.specs import SPECS, make_optimizers
 CONFIGS = Path(__file__).parents[1] / "configs"
 TEMPERATURE = 1.0
 QV = ["attn.q", "attn.v"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = load_config(None, ["data.n_way=3", "data.k_shot=2", "data.q_query=2"])
-    torch.manual_seed(0)
-    model = methods.build(config, create_builtin(config.model.builtin, config.model.image_size)).eval()
-    with torch.no_grad():
-        model.delta.normal_(0.0, 0.1)
-    dataset = episodes.eval_dataset(config, episodes.open_source(config), "latin", "test", 2, seed=3)
-    return model, [dataset[i] for i in range(len(dataset))]
 
 
 def features_logits(backbone, task):
