@@ -39,7 +39,7 @@ import torch
 from . import reference
 from .backends.base import Backend
 from .packed import PackedExperts
-from .tolerances import mismatch
+from .tolerances import merge_scales, mismatch
 
 ENVIRONMENT_VARIABLE = "SMAT_SELFTEST"
 LEVELS = {"": "quick", "1": "quick", "quick": "quick", "0": "off", "full": "full"}
@@ -208,25 +208,8 @@ def merge_expected(case: Case) -> dict[str, object]:
 
     exact = run(lambda t: t.float())
     low = run(lambda t: t.to(case.dtype)) if case.dtype != torch.float32 else None
-    return {"exact": exact, "low": low, "scales": _merge_scales(inputs, case.mode),
+    return {"exact": exact, "low": low, "scales": merge_scales(inputs, case.mode),
             "kink_free": _off_kinks(inputs["log_alpha"], case)}
-
-
-def _merge_scales(inputs: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
-    """Σ |terms| of every output entry, with |z| ≤ 1 and |dz/dlog_α| ≤ (ζ − γ)/(4T)."""
-    theta_pre, delta = inputs["theta_pre"].float().abs(), inputs["delta"].float().abs()
-    alpha, grad = inputs["alpha"].abs(), inputs["grad"].float().abs()
-    alpha_sum = alpha.sum(dim=1, keepdim=True)
-    grad_delta = grad * delta
-    inverse_temperature = 1.0 if mode == "deterministic" else 1.0 / reference.BETA
-    largest_dz = (reference.ZETA - reference.GAMMA) * inverse_temperature / 4
-    return {
-        "out": theta_pre + delta * alpha_sum,
-        "theta_pre": grad.sum(dim=0),
-        "delta": (grad * alpha_sum).sum(dim=0),
-        "log_alpha": grad_delta.t() @ alpha * largest_dz,
-        "alpha": grad_delta.sum(dim=1, keepdim=True).expand_as(inputs["alpha"]),
-    }
 
 
 def _off_kinks(log_alpha: torch.Tensor, case: Case) -> torch.Tensor:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import reference
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -92,3 +94,21 @@ def mismatch(name: str, actual: torch.Tensor, expected: torch.Tensor, scale: tor
     return (f"{name}: normalised error {worst_error:.3g} > bound {bound:.3g} at flat index {worst}: "
             f"actual {float(actual.flatten()[worst])!r}, expected {float(expected.flatten()[worst])!r}, "
             f"scale {float(torch.broadcast_to(scale, expected.shape).flatten()[worst])!r}")
+
+
+def merge_scales(inputs: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
+    """Σ |terms| of every output entry of a merge and its backward, with |z| ≤ 1 and |dz/dlog_α| ≤ (ζ − γ)/(4T):
+    the scale the errors are measured against. ``inputs``: theta_pre, delta, log_alpha, alpha and grad."""
+    theta_pre, delta = inputs["theta_pre"].float().abs(), inputs["delta"].float().abs()
+    alpha, grad = inputs["alpha"].abs(), inputs["grad"].float().abs()
+    alpha_sum = alpha.sum(dim=1, keepdim=True)
+    grad_delta = grad * delta
+    inverse_temperature = 1.0 if mode == "deterministic" else 1.0 / reference.BETA
+    largest_dz = (reference.ZETA - reference.GAMMA) * inverse_temperature / 4
+    return {
+        "out": theta_pre + delta * alpha_sum,
+        "theta_pre": grad.sum(dim=0),
+        "delta": (grad * alpha_sum).sum(dim=0),
+        "log_alpha": grad_delta.t() @ alpha * largest_dz,
+        "alpha": grad_delta.sum(dim=1, keepdim=True).expand_as(inputs["alpha"]),
+    }

@@ -21,6 +21,7 @@ import torch
 
 import smat_kernels
 from smat_kernels import reference
+from smat_kernels.tolerances import merge_scales
 
 from .tolerances import assert_close
 
@@ -73,23 +74,6 @@ def off_kinks(log_alpha: torch.Tensor, batch: int, mode: str, seed: int, offset:
     return ~near
 
 
-def scales(inputs: dict[str, torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
-    """Σ |terms| of every output entry (see tolerances.py), with |z| ≤ 1 and
-    |dz/dlog_α| ≤ (ζ − γ)/(4T)."""
-    theta_pre, delta = inputs["theta_pre"].float().abs(), inputs["delta"].float().abs()
-    alpha, grad = inputs["alpha"].abs(), inputs["grad"].float().abs()
-    alpha_sum = alpha.sum(dim=1, keepdim=True)
-    grad_delta = grad * delta
-    largest_dz = (reference.ZETA - reference.GAMMA) * inverse_temperature(mode) / 4
-    return {
-        "out": theta_pre + delta * alpha_sum,
-        "theta_pre": grad.sum(dim=0),
-        "delta": (grad * alpha_sum).sum(dim=0),
-        "log_alpha": grad_delta.t() @ alpha * largest_dz,
-        "alpha": grad_delta.sum(dim=1, keepdim=True).expand_as(inputs["alpha"]),
-    }
-
-
 def run_cpu(inputs: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The CPU backend through the public op and autograd."""
     leaves = [inputs[name].clone().requires_grad_() for name in ("theta_pre", "delta", "log_alpha", "alpha")]
@@ -114,7 +98,7 @@ GRADIENT_NAMES = ("theta_pre", "delta", "log_alpha", "alpha")
 
 
 def compare(inputs: dict[str, torch.Tensor], mode: str, actual, expected, low_precision, kink_free) -> None:
-    scale = scales(inputs, mode)
+    scale = merge_scales(inputs, mode)
     (out, grads), (expected_out, expected_grads) = actual, expected
     low_out, low_grads = low_precision if low_precision is not None else (None, (None,) * 4)
     assert out.dtype == inputs["theta_pre"].dtype
@@ -216,12 +200,12 @@ def test_cpu_matches_reference_large(num_experts, batch, dtype, mode):
     # Rows outside the windows got a zero output gradient: their gradients are exactly zero.
     for name, grad in zip(GRADIENT_NAMES[:3], grads[:3]):
         assert not grad[outside].any(), f"∂{name} is non-zero where the output gradient is zero"
-    scale = scales(inputs, mode)
+    scale = merge_scales(inputs, mode)
     assert_close("∂alpha", grads[3], expected_alpha, scale["alpha"])
     for start, stop, window_out, task_grads in windows:
         rows = dict(inputs, **{name: inputs[name][start:stop] for name in ("theta_pre", "delta", "log_alpha")})
         rows["grad"] = inputs["grad"][:, start:stop]
-        row_scale = scales(rows, mode)
+        row_scale = merge_scales(rows, mode)
         expected = [sum(g[k] for g in task_grads) for k in range(3)]
         kink_free = off_kinks_window(inputs, mode, start, stop)
         low_out = window_reference(inputs, mode, start, stop, dtype)[0] if dtype != torch.float32 else None
@@ -268,7 +252,7 @@ def test_reference_backward_matches_autograd(num_experts, batch, dtype, mode):
     written_out = reference.merge_backward(inputs["grad"], *(inputs[name] for name in GRADIENT_NAMES),
                                            mode, SEED, OFFSET)
     kink_free = off_kinks(inputs["log_alpha"], batch, mode, SEED, OFFSET)
-    scale = scales(inputs, mode)
+    scale = merge_scales(inputs, mode)
     for name, actual, expected in zip(GRADIENT_NAMES, written_out, autograd_grads):
         assert actual.dtype == expected.dtype == inputs[name].dtype
         # Both are the same fp32 arithmetic in a different order: the fp32 floor, in any θ dtype.
