@@ -194,6 +194,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_rows(folder: Path, name: str, rows: list[dict], **machine_extra) -> Path:
+    """``<folder>/<name>_<date>.json`` with the machine's description and the rows, written atomically."""
+    info = {**machine_info(), **machine_extra}
+    path = Path(folder) / f"{name}_{info['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps({"machine": info, "rows": rows}, indent=2))
+    return path
+
+
 def theta_itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 

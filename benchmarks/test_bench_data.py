@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from bench_util import machine_info
+from bench_util import write_rows
 
 from smat.data import BuiltinSource, EpisodeDataset, EpisodeLoader, FixedSampler, MetaDatasetH5Source, TrainTransform
 
@@ -35,12 +34,7 @@ def rows():
     collected: list[dict] = []
     yield collected
     if collected:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        info = machine_info()
-        path = RESULTS / f"data_{info['date'][:10]}.json"
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"machine": info, "rows": collected}, indent=2))
-        os.replace(temporary, path)
+        write_rows(RESULTS, "data", collected)
 
 
 @pytest.fixture(scope="module")

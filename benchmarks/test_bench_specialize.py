@@ -11,14 +11,13 @@ machine, versions and the load average, with the size of the packed experts agai
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from bench_util import PeakMemory, machine_info
+from bench_util import PeakMemory, write_rows
 
 from smat import model as methods
 from smat.config import load_config
@@ -37,12 +36,7 @@ def rows():
     collected: list[dict] = []
     yield collected
     if collected:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        info = {**machine_info(), "load_average": os.getloadavg()}
-        path = RESULTS / f"specialize_{info['date'][:10]}.json"
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps({"machine": info, "rows": collected}, indent=2))
-        os.replace(temporary, path)
+        write_rows(RESULTS, "specialize", collected, load_average=os.getloadavg())
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))
