@@ -21,9 +21,10 @@ from smat.experiments.claims import (
     judge_claims,
     paired_difference,
     random_overlap,
+    tradeoff_claim,
 )
 from smat.model.backbone import create_builtin
-from smat.study import TAUS, study_plan
+from smat.study import QUICK_SHARE, QUICK_TAUS, TAUS, study_plan
 
 VERDICTS = (HOLDS, NOT_SEPARATED, FAILS)
 
@@ -90,11 +91,37 @@ def test_claims_on_made_up_results():
     assert judge_claims(made_up_study(smat_gain=-0.05))[1].verdict == FAILS
 
 
+def tradeoff_study(id_slope: float, ood_slope: float, noise: float = 0.0):
+    """SMAT runs across τ whose ID and OOD accuracies move by the given slopes per τ step, plus per-task noise."""
+    rng = np.random.default_rng(4)
+    base = rng.uniform(0.3, 0.7, 300)
+    return [result(f"smat_tau{tau:g}", "smat", base + id_slope * i + rng.normal(0, noise, base.size),
+                   base + ood_slope * i + rng.normal(0, noise, base.size), tau=tau) for i, tau in enumerate(TAUS)]
+
+
+def test_tradeoff_is_judged_on_the_paired_change_across_tau():
+    assert tradeoff_claim(tradeoff_study(-0.01, 0.01)).verdict == HOLDS
+    # both fall with τ (what the built-in study measured): the OOD half of the paper's trade-off fails
+    falling = tradeoff_claim(tradeoff_study(-0.01, -0.01))
+    assert falling.verdict == FAILS and falling.numbers["change"]["ood"]["difference"] == pytest.approx(-5.0)
+    # a drift far inside the per-task noise is not separated
+    drift = tradeoff_claim(tradeoff_study(-0.0002, 0.0002, noise=0.2))
+    assert drift.verdict == NOT_SEPARATED and drift.numbers["change"]["id"]["ci95"] > 0.1
+    assert tradeoff_claim(tradeoff_study(-0.01, 0.01)[:1]).verdict == NOT_SEPARATED  # one τ: no trade-off to see
+
+
 def test_the_plan_gives_every_method_the_same_budget():
-    plan = study_plan(quick=True, episodes=None, overrides=["train.epochs=1"])
+    plan = study_plan(quick=False, episodes=None, overrides=["train.epochs=1"])
     assert [r.name for r in plan.runs][:3] == ["pretrained", "pmf", "softmerge"]
     assert sorted(r.tau for r in plan.runs if r.method == "smat") == sorted(TAUS)
-    assert plan.episodes == 50 and plan.shared_overrides[-1] == "train.epochs=1"
+    assert plan.episodes == 300 and plan.shared_overrides == ["train.epochs=1"]
+    quick = study_plan(quick=True, episodes=None, overrides=["train.epochs=1", "train.lambda_lr=0.01"])
+    assert sorted(r.tau for r in quick.runs if r.method == "smat") == sorted(QUICK_TAUS) and quick.episodes == 50
+    train, default = quick.config(quick.runs[-1]).train, load_config(None, []).train
+    assert train.epochs == 1 and train.tasks_per_epoch == default.tasks_per_epoch // QUICK_SHARE
+    # a quarter of the steps: the user's λ rate sped up 16×, the temperature schedule 4×
+    assert train.lambda_lr == pytest.approx(0.01 * QUICK_SHARE ** 2)
+    assert train.temperature.tasks_per_unit == pytest.approx(default.temperature.tasks_per_unit / QUICK_SHARE)
     for run in plan.runs:  # the shared overrides, then the run's own (a shared train.tau cannot undo the sweep)
         assert plan.arguments(run) == [f"method={run.method}", *plan.shared_overrides, *run.overrides]
     assert plan.config(plan.runs[-1]).train.tau == TAUS[-1]
@@ -126,7 +153,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     assert all(c["verdict"] in VERDICTS for c in summary["claims"])
     text = (output / "summary.md").read_text()
     assert all(f"({key})" in text for key in "abcde")
-    assert len(summary["runs"]) == 3 + len(TAUS)
+    assert len(summary["runs"]) == 3 + len(QUICK_TAUS)
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{3 + len(TAUS)} of {3 + len(TAUS)} runs already trained" in second.stdout
+    assert f"{3 + len(QUICK_TAUS)} of {3 + len(QUICK_TAUS)} runs already trained" in second.stdout
