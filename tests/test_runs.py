@@ -312,6 +312,13 @@ def test_evaluation_does_not_need_optimizer_state(run):
     assert load_run(run, "cpu").state["step"] == 2
 
 
+def default_sigint():
+    """A shell's background job (``pytest … &``) ignores SIGINT, and so would the training it starts; Ctrl-C
+    is what this test sends, so the child gets the default disposition back (Python then raises
+    KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_how_to_resume(tmp_path):
     folder = tmp_path / "interrupted"
     cwd = tmp_path / "cwd"
@@ -320,7 +327,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     with log.open("w") as file:
         process = subprocess.Popen([sys.executable, "-m", "smat.train", *TINY, "train.epochs=50", "--skip-eval",
                                     f"output={folder}"], stdout=file, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + TIMEOUT
         while not (checkpoint.checkpoint_dir(folder) / "latest").exists():
