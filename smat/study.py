@@ -48,7 +48,8 @@ def quick_overrides(overrides: list[str]) -> list[str]:
     masks take to reach τ scales like 1/√lambda_lr: a quarter of the steps needs 16× the rate. Measured on
     the built-in default (60 steps): at 4× the rate τ = 0.99 experts were at sparsity 0.63 at step 50; at 16×
     they reach 0.991 by step 40, but τ = 0.5 experts overshoot to 0.57–0.62 (λ is already at 0 when they
-    cross τ, and the masks do not return), so ``--quick``'s claim (a) can fail where the full budget's holds.
+    cross τ, and the masks do not return; in a whole quick study τ = 0.9 ones ended at 0.92–0.94), so
+    ``--quick``'s claim (a) can fail where the full budget's holds.
     """
     train = load_config(None, overrides).train
     return [f"train.tasks_per_epoch={max(train.meta_batch, train.tasks_per_epoch // QUICK_SHARE)}",
