@@ -29,7 +29,7 @@ from .analysis import analyse_run, open_run
 from .config import load_config
 from .evaluation.tables import ModeResult, results_csv, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
-from .experiments.claims import chosen_smat, judge_claims
+from .experiments.claims import by_method, chosen_smat, judge_claims, paired_difference
 from .experiments.figures import plot_tradeoff
 from .experiments.runner import run_command
 from .runtime.device import resolve_device
@@ -72,6 +72,18 @@ def table(results) -> list[ModeResult]:
             for r in results for name, domain in r.domains.items()]
 
 
+def paired_table(results) -> list[str]:
+    """Every run against the pre-trained backbone, and the chosen SMAT run against each other meta-tuned one."""
+    pretrained, chosen = by_method(results, "pretrained")[0], chosen_smat(results)
+    pairs = [(run, pretrained) for run in results if run is not pretrained]
+    pairs += [(chosen, run) for run in results if run.spec.method not in ("pretrained", "smat")]
+    rows = ["| pair | ID average | OOD average |", "|---|---|---|"]
+    for a, b in pairs:
+        cells = ["{:+.2f} ± {:.2f}".format(*paired_difference(a, b, role)) for role in ("id", "ood")]
+        rows.append(f"| {a.spec.name} − {b.spec.name} | {cells[0]} | {cells[1]} |")
+    return rows
+
+
 def summary_markdown(plan: ExperimentPlan, results, claims) -> str:
     chosen = chosen_smat(results)
     lines = [f"# The built-in study: {len(results)} runs, {plan.episodes} test tasks per domain", "",
@@ -83,7 +95,8 @@ def summary_markdown(plan: ExperimentPlan, results, claims) -> str:
     for claim in claims:
         lines += ["", f"## ({claim.key}) {claim.statement}: {claim.verdict}", ""]
         lines += [f"- {line}" for line in claim.evidence]
-    lines += ["", "## Accuracy (ProtoNet, %, mean ± 95% CI)", "", results_markdown(table(results)), "",
+    lines += ["", "## Paired differences (points, 95% interval)", "", *paired_table(results), "",
+              "## Accuracy (ProtoNet, %, mean ± 95% CI)", "", results_markdown(table(results)), "",
               "![Fig. 3](fig3_id_ood.png)", ""]
     return "\n".join(lines)
 

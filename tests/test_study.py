@@ -153,6 +153,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
     assert all(c["verdict"] in VERDICTS for c in summary["claims"])
     text = (output / "summary.md").read_text()
     assert all(f"({key})" in text for key in "abcde")
+    assert "| pmf − pretrained |" in text and "| softmerge − pretrained |" in text
     assert len(summary["runs"]) == 3 + len(QUICK_TAUS)
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
