@@ -1,5 +1,5 @@
 """The tolerances of every comparison with the reference, in one table: the
-kernel tests (tests/kernels) and the backends' self-test (selftest.py) both
+kernel tests (tests/kernel_tests) and the backends' self-test (selftest.py) both
 judge results with :func:`mismatch`.
 
 Every comparison normalises the error of an entry by its ``scale``: the sum

@@ -12,7 +12,7 @@ import torch
 from smat.adapt import AdaptConfig, validate_adapt
 from smat.adapt.cost import CPU_KIND, PeakMemory, Stopwatch
 from smat.adapt.finetune import backbone_accuracy, full_finetune, task_backbone
-from smat.adapt.lora import add_lora, lora_finetune, lora_parameters, target_pattern
+from smat.adapt.lora import add_lora, lora_finetune, lora_parameters, require_peft, target_pattern
 from smat.adapt.select import binary_to_alpha, initial_binary, select_experts, support_losses
 from smat.config import ConfigError
 from smat.model.protonet import support_cross_entropy
@@ -231,3 +231,26 @@ def test_peak_memory_on_cpu_sees_a_large_allocation():
     if memory.bytes is not None:  # None only where the RSS cannot be read
         assert memory.bytes >= 32 * 2 ** 20
     assert watch.seconds > 0
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (ModuleNotFoundError("No module named 'peft'", name="peft"), "which is not installed"),
+    (ImportError("cannot import name 'CUDAProperties' from 'kernels'", name="kernels", path="/x/kernels/__init__.py"),
+     "installed but failed to import: ImportError: cannot import name 'CUDAProperties' from 'kernels' "
+     "(from /x/kernels/__init__.py)"),
+])
+def test_a_peft_that_fails_to_import_is_not_called_missing(monkeypatch, failure, expected):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "peft":
+            raise failure
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    with pytest.raises(ConfigError, match="mode lora needs") as caught:
+        require_peft()
+    assert expected in str(caught.value)
+    assert ("pip install peft" in str(caught.value)) == (failure.name == "peft")

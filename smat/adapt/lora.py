@@ -91,8 +91,19 @@ def require_peft():
     try:
         from peft import LoraConfig, inject_adapter_in_model  # here, not at import: peft takes seconds to load
     except ImportError as error:
-        raise ConfigError(f"mode lora needs the peft package ({error}); install it with `pip install peft`") from None
+        raise ConfigError(_peft_import_failure(error)) from None
     return LoraConfig, inject_adapter_in_model
+
+
+def _peft_import_failure(error: ImportError) -> str:
+    """The message for a failed ``import peft``: a missing peft is named as such; a peft that is installed but
+    fails to import (a broken dependency, a module of the user's shadowing one peft imports) shows the real
+    error and where it came from, since "install peft" would send the user the wrong way."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "peft":
+        return "mode lora needs the peft package, which is not installed; install it with `pip install peft`"
+    origin = f" (from {error.path})" if getattr(error, "path", None) else ""
+    return (f"mode lora needs peft, which is installed but failed to import: {type(error).__name__}: {error}{origin}; "
+            f"fix that import (a local file or folder named like a package peft imports can shadow it)")
 
 
 def add_lora(backbone: nn.Module, options) -> nn.Module:

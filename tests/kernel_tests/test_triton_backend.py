@@ -8,7 +8,7 @@ imported; setting it later has no effect on kernels already defined), so
 without a GPU this file re-runs itself in a child pytest process with
 TRITON_INTERPRET=1 (``test_suite_in_triton_interpreter``) and leaves this
 process's environment, and the other test files, untouched. For per-test
-results run it directly: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_backend.py``.
+results run it directly: ``TRITON_INTERPRET=1 pytest tests/kernel_tests/test_triton_backend.py``.
 """
 
 from __future__ import annotations

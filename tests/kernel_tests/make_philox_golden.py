@@ -1,4 +1,4 @@
-"""Regenerate tests/kernels/data/philox_golden.json from Triton's own Philox.
+"""Regenerate tests/kernel_tests/data/philox_golden.json from Triton's own Philox.
 
 The golden vectors are Triton's ``tl.randint4x(seed, counter)`` words and
 ``tl.rand4x(seed, counter)`` uniforms, computed in Triton's interpreter (no
@@ -6,7 +6,7 @@ GPU needed) for seeds above 2^32 and 64-bit counters that cross 2^32, so that
 the key split (k0, k1) and the counter split (c0, c1) are both exercised.
 test_philox.py only reads the JSON and does not need triton.
 
-    TRITON_INTERPRET=1 python tests/kernels/make_philox_golden.py
+    TRITON_INTERPRET=1 python tests/kernel_tests/make_philox_golden.py
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def draw(seed: int) -> dict:
 def main() -> None:
     golden = {
         "source": f"triton {triton.__version__}, tl.randint4x / tl.rand4x / tl.rand under TRITON_INTERPRET=1, "
-                  f"regenerate with tests/kernels/make_philox_golden.py",
+                  f"regenerate with tests/kernel_tests/make_philox_golden.py",
         "cases": [draw(seed) for seed in SEEDS],
     }
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
