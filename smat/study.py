@@ -4,11 +4,14 @@ Trains, with the same budget for every method, the pre-trained backbone, PMF, So
 τ ∈ {0.5, 0.7, 0.8, 0.9, 0.95, 0.99}; tests every run on the same ProtoNet tasks of every ID and OOD
 domain; and writes into the output folder:
 
-- ``table1.md`` / ``table1.csv``: accuracy per domain, mean ± 95% CI, with the ID and OOD averages;
-- ``fig3_id_ood.png`` (+ .json): ID against OOD accuracy across τ, PMF and the others as reference points;
+- ``table1.md`` / ``table1.csv``: accuracy per domain, mean ± 95% CI, with its group and the ID, near-OOD and
+  far-OOD averages (and all OOD domains together);
+- ``fig3_id_ood.png`` (+ .json): ID against near-OOD and against far-OOD accuracy across τ, PMF and the others
+  as reference points;
 - ``fig6/``: the Fig. 6 analyses of the SMAT run chosen on validation (masks by layer and depth, domains
   by their mean α, mask overlap);
-- ``summary.md`` / ``summary.json``: the paper's claims (a)–(e), each with its numbers and a verdict.
+- ``summary.md`` / ``summary.json``: the paper's claims (a)–(e), each with its numbers and a verdict; (c) and
+  (d), about OOD accuracy, are judged separately on near-OOD and on far-OOD.
 
     python -m smat.study [--output runs/study] [--quick] [--episodes N] [--device cpu] [key=value ...]
 
@@ -27,9 +30,11 @@ import sys
 
 from .analysis import analyse_run, open_run
 from .config import load_config
+from .data.groups import NOTE as GROUPS_NOTE
+from .data.groups import label
 from .evaluation.tables import ModeResult, results_csv, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
-from .experiments.claims import by_method, chosen_smat, judge_claims, paired_difference
+from .experiments.claims import by_method, chosen_smat, judge_claims, ood_groups, paired_difference
 from .experiments.figures import plot_tradeoff
 from .experiments.runner import run_command
 from .runtime.device import resolve_device
@@ -68,8 +73,19 @@ def study_plan(quick: bool, episodes: int | None, overrides: list[str]) -> Exper
 
 
 def table(results) -> list[ModeResult]:
-    return [ModeResult(r.spec.name, r.spec.method, "protonet", name, domain["role"], domain["accuracies"], 0.0)
+    return [ModeResult(r.spec.name, r.spec.method, "protonet", name, domain["role"], domain["accuracies"], 0.0,
+                       group=domain.get("group", ""))
             for r in results for name, domain in r.domains.items()]
+
+
+def average_groups(results) -> list[str]:
+    """ID, each OOD group, and all OOD domains together when there is more than one OOD group."""
+    groups = ood_groups(results)
+    return ["id", *groups, *(["ood"] if len(groups) > 1 else [])]
+
+
+def group_title(key: str, keys: list[str]) -> str:
+    return "all OOD" if key == "ood" and len(keys) > 2 else label(key)
 
 
 def paired_table(results) -> list[str]:
@@ -77,10 +93,12 @@ def paired_table(results) -> list[str]:
     pretrained, chosen = by_method(results, "pretrained")[0], chosen_smat(results)
     pairs = [(run, pretrained) for run in results if run is not pretrained]
     pairs += [(chosen, run) for run in results if run.spec.method not in ("pretrained", "smat")]
-    rows = ["| pair | ID average | OOD average |", "|---|---|---|"]
+    keys = average_groups(results)
+    rows = ["| pair | " + " | ".join(f"{group_title(k, keys)} average" for k in keys) + " |",
+            "|---|" + "---|" * len(keys)]
     for a, b in pairs:
-        cells = ["{:+.2f} ± {:.2f}".format(*paired_difference(a, b, role)) for role in ("id", "ood")]
-        rows.append(f"| {a.spec.name} − {b.spec.name} | {cells[0]} | {cells[1]} |")
+        cells = ["{:+.2f} ± {:.2f}".format(*paired_difference(a, b, key)) for key in keys]
+        rows.append(f"| {a.spec.name} − {b.spec.name} | " + " | ".join(cells) + " |")
     return rows
 
 
@@ -92,6 +110,8 @@ def summary_markdown(plan: ExperimentPlan, results, claims) -> str:
              f"{100 * chosen.val_accuracy:.2f}%).", "",
              "| claim | verdict |", "|---|---|"]
     lines += [f"| ({c.key}) {c.statement} | **{c.verdict}** |" for c in claims]
+    if any(c.group in ("near_ood", "far_ood") for c in claims):
+        lines += ["", GROUPS_NOTE]
     for claim in claims:
         lines += ["", f"## ({claim.key}) {claim.statement}: {claim.verdict}", ""]
         lines += [f"- {line}" for line in claim.evidence]
@@ -120,9 +140,11 @@ def run_study(args, log=print) -> dict:
     atomic_write_json(root / "summary.json", {
         "episodes": plan.episodes, "chosen_smat": chosen.spec.name,
         "runs": {r.spec.name: {"method": r.spec.method, "tau": r.spec.tau, "id": r.average("id"),
-                               "ood": r.average("ood"), "val_accuracy": r.val_accuracy} for r in results},
-        "claims": [{"key": c.key, "statement": c.statement, "verdict": c.verdict, "evidence": c.evidence,
-                    "numbers": c.numbers} for c in claims]})
+                               "ood": r.average("ood"),
+                               **{g: r.average(g) for g in ood_groups(results) if g != "ood"},
+                               "val_accuracy": r.val_accuracy} for r in results},
+        "claims": [{"key": c.key, "group": c.group, "statement": c.statement, "verdict": c.verdict,
+                    "evidence": c.evidence, "numbers": c.numbers} for c in claims]})
     for note in notes:
         log(f"note: {note}")
     log((root / "summary.md").read_text().split("\n## (a)")[0])

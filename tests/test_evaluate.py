@@ -106,7 +106,7 @@ def test_results_table_cells_and_averages():
     assert "| shapes | ID | 90.00 ± 0.00 | — |" in text  # no full fine-tuning result for shapes
     rows = list(csv.reader(results_csv(results).splitlines()))
     assert rows[0] == ["domain", "role", "smat + protonet mean", "smat + protonet ci95", "smat + full mean",
-                       "smat + full ci95"]
+                       "smat + full ci95", "group"]
     assert [row[0] for row in rows[1:]] == ["latin", "shapes", "digits", "id average", "ood average"]
     assert float(rows[1][2]) == pytest.approx(100 * mean, abs=1e-3)
 

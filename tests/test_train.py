@@ -363,6 +363,6 @@ def test_the_default_command_end_to_end(tmp_path, pretrained_backbone, processes
         assert (run / name).is_file(), f"{name} is missing from {run}"
     assert sorted(p.name for p in (run / "plots").glob("*.png")), "no plots"
     report = json.loads((run / "report.json").read_text())
-    assert set(report["summary"]["averages"]) == {"id", "ood"}
+    assert set(report["summary"]["averages"]) == {"id", "near_ood", "far_ood", "ood"}
     kinds = {record["kind"] for record in replayable_records(run)}
     assert {"train", "val"} <= kinds

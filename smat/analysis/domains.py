@@ -15,13 +15,14 @@ from scipy.cluster import hierarchy  # noqa: E402
 
 from ..config import Config  # noqa: E402
 from ..data import episodes  # noqa: E402
+from ..data.groups import label  # noqa: E402
 from .figures import save_figure  # noqa: E402
 
 
 @torch.no_grad()
 def domain_alpha(config: Config, model, episodes_per_domain: int, temperature: float,
                  device: torch.device) -> dict[str, dict]:
-    """{test domain: {'role', 'alpha': mean evaluation-time α [M]}} over the first N test episodes.
+    """{test domain: {'role', 'group', 'alpha': mean evaluation-time α [M]}} over the first N test episodes.
 
     The episodes are the evaluation's (same seed), so the α are those the reported accuracies used."""
     evaluation = copy.deepcopy(config)
@@ -33,7 +34,8 @@ def domain_alpha(config: Config, model, episodes_per_domain: int, temperature: f
         loader = episodes.loader(dataset, evaluation, meta_batch=evaluation.train.meta_batch)
         alphas = [model.task_alpha([t.to(device) for t in (batch if isinstance(batch, list) else [batch])],
                                    temperature).cpu() for batch in loader]
-        result[name] = {"role": episodes.domain_role(name, source), "alpha": torch.cat(alphas).mean(0).tolist()}
+        result[name] = {"role": episodes.domain_role(name, source), "group": episodes.domain_group(name, source),
+                        "alpha": torch.cat(alphas).mean(0).tolist()}
     return result
 
 
@@ -64,7 +66,8 @@ def plot_domain_alpha(domains: dict[str, dict], title: str, path: Path, episodes
                          extent=(-0.5, experts - 0.5, 0, 10 * count))
     left.set_ylim(0, 10 * count)
     right.set_yticks([10 * k + 5 for k in range(count)],
-                     [f"{names[i]} ({domains[names[i]]['role'].upper()})" for i in leaves])
+                     [f"{names[i]} ({label(domains[names[i]].get('group') or domains[names[i]]['role'])})"
+                      for i in leaves])
     right.yaxis.tick_right()
     right.set_xticks(range(experts), [str(m) for m in range(experts)])
     right.set(xlabel="expert", title=f"{title}: mean α ({episodes_per_domain} episodes per domain, T = "

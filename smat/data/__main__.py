@@ -17,6 +17,7 @@ import numpy as np
 
 from . import builtin
 from .folder import ImageFolderSource
+from .groups import label
 from .h5 import MetaDatasetH5Source
 from .loader import EpisodeDataset
 from .samplers import make_sampler
@@ -59,8 +60,8 @@ def overview(args) -> Path:
         domain = source[name]
         classes = rng.choice(len(domain.class_names), size=min(7, len(domain.class_names)), replace=False)
         images = [domain.load(int(c), i) for c in classes for i in range(2)]
-        role = builtin.DOMAINS[name].role.upper()
-        strips.append(domain_strip(f"{name} ({role})", np.stack(images), args.size))
+        group = label(builtin.DOMAINS[name].group) if name != builtin.PRETRAIN_DOMAIN else "pre-training"
+        strips.append(domain_strip(f"{name} ({group})", np.stack(images), args.size))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stack_vertically(strips).save(out, optimize=True)
@@ -75,14 +76,15 @@ def list_domains(args) -> None:
         domain, info = source[name], builtin.DOMAINS[name]
         counts = " ".join(f"{s}={len(domain.classes(s))}" for s in ("train", "val", "test"))
         images = sum(domain.num_items(c) for c in range(len(domain.class_names)))
-        print(f"{name:>18} {info.role:>8}  {counts:<24} {images:>6} images  {info.description}")
+        group = label(info.group) if info.group != "pretrain" else "pretrain"
+        print(f"{name:>18} {group:>9}  {counts:<24} {images:>6} images  {info.description}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smat.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="built-in domains, roles and class counts")
+    commands.add_parser("list", help="built-in domains, groups (ID, near-OOD, far-OOD) and class counts")
     build = commands.add_parser("build", help="generate every built-in domain into the cache")
     build.add_argument("--rebuild", action="store_true")
     show_parser = commands.add_parser("show", help="write a PNG grid of one episode")

@@ -159,6 +159,16 @@ def loader(dataset: EpisodeDataset, config: Config, start: int = 0, count: int |
                          num_workers=config.data.num_workers, indices=indices)
 
 
+def domain_group(name: str, source) -> str:
+    """'id', 'near_ood' or 'far_ood' where the source declares it (built-in domains), else 'id' or 'ood' as
+    :func:`domain_role` (test folders are 'ood': their group is not declared). See :mod:`smat.data.groups`."""
+    if isinstance(source, WithTestFolders):
+        return "ood" if name in source.folders else domain_group(name, source.base)
+    if isinstance(source, BuiltinSource):
+        return DOMAINS[name].group
+    return domain_role(name, source)
+
+
 def domain_role(name: str, source) -> str:
     """'id' (the domain has training classes, i.e. it can be meta-trained on) or 'ood' (test classes only)."""
     if isinstance(source, WithTestFolders):

@@ -15,7 +15,7 @@ is scored.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -160,6 +160,7 @@ class Plan:
     test: dict  # {domain: EpisodeDataset}
     lr_sets: dict  # {domain: (EpisodeDataset, split)}; (None, 'support'): each task chooses from its support
     roles: dict  # {domain: 'id' | 'ood'}
+    groups: dict = field(default_factory=dict)  # {domain: 'id' | 'near_ood' | 'far_ood' | 'ood'} (smat.data.groups)
 
     def tasks(self, modes, options: AdaptConfig) -> int:
         total = 0
@@ -181,7 +182,8 @@ def plan_run(run: Run, modes, options: AdaptConfig) -> Plan:
     test = episodes.test_datasets(run.config, source)
     lr_sets = {name: lr_plan(run.config, source, name, options) for name in test}
     roles = {name: episodes.domain_role(name, source) for name in test}
-    return Plan(run, test, lr_sets, roles)
+    groups = {name: episodes.domain_group(name, source) for name in test}
+    return Plan(run, test, lr_sets, roles, groups)
 
 
 def evaluate_mode(plan: Plan, mode: str, options: AdaptConfig, progress=None):
@@ -208,7 +210,7 @@ def evaluate_mode(plan: Plan, mode: str, options: AdaptConfig, progress=None):
                 scores = {rate: chosen.count(rate) / len(chosen) for rate in dict.fromkeys(chosen)}
             seconds += elapsed
             results.append(tables.ModeResult(run.name, run.method, mode, domain, plan.roles[domain], accuracies,
-                                              elapsed, lr, split, scores))
+                                              elapsed, lr, split, scores, plan.groups.get(domain, "")))
     tasks = sum(len(r.accuracies) for r in results)
     return results, tables.ModeCost(run.name, run.method, mode, tasks, seconds, memory.bytes, memory.kind)
 

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import episodes
+from ..data.groups import NOTE as GROUPS_NOTE
+from ..data.groups import average_keys, distinct_average_keys, in_group, label
 from ..model.protonet import loader_accuracies
 from ..runtime import checkpoint, runlog
 from ..runtime.io import atomic_write_json, atomic_write_text
@@ -29,7 +31,7 @@ def compared_methods(config: Config) -> tuple[str, ...]:
 
 
 def evaluate_domains(config: Config, model, device, temperature: float, log=print) -> dict:
-    """{domain: {'role', <method>: [accuracies], 'pretrained': [accuracies]}} over the test episodes."""
+    """{domain: {'role', 'group', <method>: [accuracies], 'pretrained': [accuracies]}} over the test episodes."""
     source = episodes.open_source(config)
     methods = compared_methods(config)
     results = {}
@@ -38,7 +40,7 @@ def evaluate_domains(config: Config, model, device, temperature: float, log=prin
                     leave=False)
     for name, dataset in datasets.items():
         loader = episodes.loader(dataset, config, meta_batch=config.train.meta_batch)
-        results[name] = {"role": episodes.domain_role(name, source)}
+        results[name] = {"role": episodes.domain_role(name, source), "group": episodes.domain_group(name, source)}
         for method in methods:
             results[name][method] = loader_accuracies(model, loader, temperature, device, config,
                                                         pretrained=method == "pretrained")
@@ -74,18 +76,19 @@ def paired_difference(results: dict, names: list[str], method: str, baseline: st
 
 
 def summarise(results: dict, methods=("smat", "pretrained")) -> dict:
-    """Per domain and per role (ID / OOD average): mean and 95% CI in %; with a baseline among ``methods``,
-    the paired difference of the method against it (mean and 95% CI, per domain and per role)."""
+    """Per domain and per group (ID, near-OOD, far-OOD averages, and OOD: every test-only domain): mean and 95% CI
+    in %; with a baseline among ``methods``, the paired difference of the method against it (mean and 95% CI,
+    per domain and per group). A domain's group is its 'group' (its 'role' in results without one)."""
     table = {name: {m: [100 * v for v in confidence_interval(r[m])] for m in methods}
              for name, r in results.items()}
     averages, differences = {}, {}
     paired = len(methods) == 2 and methods[1] == "pretrained"
-    for role in ("id", "ood"):
-        names = [n for n, r in results.items() if r["role"] == role]
-        if names:
-            averages[role] = {m: float(np.mean([table[n][m][0] for n in names])) for m in methods}
-            if paired:
-                differences[role] = paired_difference(results, names, methods[0])
+    groups = {name: r.get("group") or r["role"] for name, r in results.items()}
+    for key in average_keys(groups.values()):
+        names = [n for n in results if in_group(groups[n], key)]
+        averages[key] = {m: float(np.mean([table[n][m][0] for n in names])) for m in methods}
+        if paired:
+            differences[key] = paired_difference(results, names, methods[0])
     if paired:
         for name in results:
             differences[name] = paired_difference(results, [name], methods[0])
@@ -103,16 +106,21 @@ def markdown_table(summary: dict, results: dict, methods=("smat", "pretrained"))
     interval lies above 0, ✗ when below)."""
     differences = summary.get("differences") or {}
     extra = [f"{methods[0]} − {methods[1]} (paired)"] if differences else []
-    lines = ["| domain | role | " + " | ".join([*methods, *extra]) + " |",
+    lines = ["| domain | group | " + " | ".join([*methods, *extra]) + " |",
              "|---|---|" + "---|" * (len(methods) + len(extra))]
+    groups = {name: results[name].get("group") or results[name]["role"] for name in summary["domains"]}
     for name, row in summary["domains"].items():
         cells = [f"{row[m][0]:.2f} ± {row[m][1]:.2f}" for m in methods]
         cells += [_difference_cell(summary, name)] if differences else []
-        lines.append(f"| {name} | {results[name]['role'].upper()} | " + " | ".join(cells) + " |")
-    for role, averages in summary["averages"].items():
+        lines.append(f"| {name} | {label(groups[name])} | " + " | ".join(cells) + " |")
+    shown = distinct_average_keys(groups.values())
+    for key, averages in summary["averages"].items():
+        if key not in shown:
+            continue
         cells = [f"**{averages[m]:.2f}**" for m in methods]
-        cells += [f"**{_difference_cell(summary, role)}**"] if differences else []
-        lines.append(f"| **{role.upper()} average** | | " + " | ".join(cells) + " |")
+        cells += [f"**{_difference_cell(summary, key)}**"] if differences else []
+        name = "all OOD" if key == "ood" and len(shown) > 2 else label(key)
+        lines.append(f"| **{name} average** | | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -164,6 +172,8 @@ def _markdown(config, state, summary, results, sparsity, figures, run) -> str:
         markdown_table(summary, results, compared_methods(config)),
         "",
     ]
+    if any(results[name].get("group") in ("near_ood", "far_ood") for name in results):
+        parts += [GROUPS_NOTE, ""]
     if summary.get("differences"):
         parts += [
             f"Protocol: {_protocol(config)}. The last column is the paired difference: both models are "

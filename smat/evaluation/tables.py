@@ -1,7 +1,8 @@
 """Result tables of ``python -m smat.evaluate``, in the paper's layout.
 
-- ``results.md`` / ``results.csv`` (Table 1): one row per test domain, then the ID and OOD averages
-  (means of the domains' means); one column per method × mode, e.g. ``smat + lora``; each cell the
+- ``results.md`` / ``results.csv`` (Table 1): one row per test domain with its group (ID, near-OOD, far-OOD;
+  OOD where the source declares none: :mod:`smat.data.groups`), then the average of each group and of all
+  test-only domains (means of the domains' means); one column per method × mode, e.g. ``smat + lora``; each cell the
   mean query accuracy over the domain's tasks ± the 95% confidence interval 1.96·std/√n, in %.
   results.md ends with the learning rate of every fine-tuned column and domain.
 - ``cost.md`` / ``cost.csv`` (Table 5): one row per method × mode with seconds per task (adaptation and
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.groups import GROUPS, average_keys, distinct_average_keys, in_group, label
 from ..runtime.io import atomic_write_text
 from .metrics import confidence_interval
 
 MIB = 2 ** 20
-ROLES = ("id", "ood")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class ModeResult:
     lr: float | None = None  # the learning rate used (full, LoRA)
     lr_split: str | None = None  # the split whose first tasks chose it: 'val', 'test' or 'fixed'
     lr_scores: dict = field(default_factory=dict)  # {lr: mean accuracy on those tasks}
+    group: str = ""  # 'id', 'near_ood', 'far_ood' or 'ood' (smat.data.groups); empty: the role
+
+    @property
+    def domain_group(self) -> str:
+        return self.group or self.role
 
 
 @dataclass
@@ -70,52 +76,59 @@ def column_labels(items) -> dict[tuple[str, str], str]:
 
 
 def _summary(results: list[ModeResult]):
-    """(labels, domains [(name, role)], cells {(domain, label): (mean %, ci %)}, averages {(role, label): %})."""
+    """(labels, domains [(name, group)], cells {(domain, label): (mean %, ci %)}, averages {(key, label): %},
+    keys: the averages to show)."""
     labels = column_labels(results)
     columns = list(dict.fromkeys(labels.values()))
-    domains = list(dict.fromkeys((r.domain, r.role) for r in results))
-    domains.sort(key=lambda d: ROLES.index(d[1]) if d[1] in ROLES else len(ROLES))  # stable: ID first
+    domains = list(dict.fromkeys((r.domain, r.domain_group) for r in results))
+    domains.sort(key=lambda d: GROUPS.index(d[1]) if d[1] in GROUPS else len(GROUPS))  # stable: ID first
     cells = {(r.domain, labels[r.run, r.mode]): tuple(100 * v for v in confidence_interval(r.accuracies))
              for r in results}
     averages = {}
-    for role in ROLES:
-        for label in columns:
-            means = [cells[name, label][0] for name, r in domains if r == role and (name, label) in cells]
+    for key in average_keys(group for _, group in domains):
+        for label_ in columns:
+            means = [cells[name, label_][0] for name, g in domains if in_group(g, key) and (name, label_) in cells]
             if means:
-                averages[role, label] = float(np.mean(means))
-    return columns, domains, cells, averages
+                averages[key, label_] = float(np.mean(means))
+    return columns, domains, cells, averages, distinct_average_keys(group for _, group in domains)
+
+
+def _average_name(key: str, keys: list[str]) -> str:
+    return "all OOD" if key == "ood" and len(keys) > 2 else label(key)
 
 
 def results_markdown(results: list[ModeResult]) -> str:
-    columns, domains, cells, averages = _summary(results)
-    lines = ["| domain | role | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for name, role in domains:
+    columns, domains, cells, averages, keys = _summary(results)
+    lines = ["| domain | group | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, group in domains:
         row = [f"{cells[name, c][0]:.2f} ± {cells[name, c][1]:.2f}" if (name, c) in cells else "—" for c in columns]
-        lines.append(f"| {name} | {role.upper()} | " + " | ".join(row) + " |")
-    for role in ROLES:
-        if any((role, c) in averages for c in columns):
-            row = [f"**{averages[role, c]:.2f}**" if (role, c) in averages else "—" for c in columns]
-            lines.append(f"| **{role.upper()} average** | | " + " | ".join(row) + " |")
+        lines.append(f"| {name} | {label(group)} | " + " | ".join(row) + " |")
+    for key in keys:
+        if any((key, c) in averages for c in columns):
+            row = [f"**{averages[key, c]:.2f}**" if (key, c) in averages else "—" for c in columns]
+            lines.append(f"| **{_average_name(key, keys)} average** | | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def results_csv(results: list[ModeResult]) -> str:
-    """domain, role, then '<column> mean' and '<column> ci95' per column (in %); averages have no CI."""
-    columns, domains, cells, averages = _summary(results)
+    """domain, role ('id' or 'ood'), then '<column> mean' and '<column> ci95' per column (in %), then the group
+    (last, so that the columns before keep their places); averages have no CI."""
+    columns, domains, cells, averages, keys = _summary(results)
+    roles = {r.domain: r.role for r in results}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["domain", "role"] + [f"{c} {part}" for c in columns for part in ("mean", "ci95")])
-    for name, role in domains:
-        row = [name, role]
+    writer.writerow(["domain", "role"] + [f"{c} {part}" for c in columns for part in ("mean", "ci95")] + ["group"])
+    for name, group in domains:
+        row = [name, roles[name]]
         for c in columns:
             row += [f"{v:.4f}" for v in cells[name, c]] if (name, c) in cells else ["", ""]
-        writer.writerow(row)
-    for role in ROLES:
-        if any((role, c) in averages for c in columns):
-            row = [f"{role} average", role]
+        writer.writerow(row + [group])
+    for key in keys:
+        if any((key, c) in averages for c in columns):
+            row = [f"{key} average", "id" if key == "id" else "ood"]
             for c in columns:
-                row += [f"{averages[role, c]:.4f}" if (role, c) in averages else "", ""]
-            writer.writerow(row)
+                row += [f"{averages[key, c]:.4f}" if (key, c) in averages else "", ""]
+            writer.writerow(row + [key])
     return buffer.getvalue()
 
 

@@ -1,8 +1,12 @@
 """The paper's claims, tested on an evaluated plan: each claim gets its numbers and a verdict.
 
 Differences between two runs are paired: every run is tested on the same tasks, so the difference of a
-role's average accuracy is the mean over its domains of the per-task differences, with a 95% interval
+group's average accuracy is the mean over its domains of the per-task differences, with a 95% interval
 from their spread (domains weighted equally, as in the averages).
+
+Claims (c) and (d) are about OOD accuracy: they are judged once per OOD group the test domains declare
+(near-OOD and far-OOD on the built-in data, :mod:`smat.data.groups`), or once on all OOD domains where
+the source declares no groups.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.stats import spearmanr
 
+from ..data.groups import in_group, label, record_group
 from ..evaluation.metrics import SPARSITY_TOLERANCE
 from .runner import RunResult
 
@@ -26,13 +31,15 @@ class Claim:
     verdict: str  # HOLDS, NOT_SEPARATED or FAILS
     evidence: list[str] = field(default_factory=list)  # one line per number that decides it
     numbers: dict = field(default_factory=dict)
+    group: str = ""  # the OOD group a claim is judged on ('near_ood', 'far_ood', 'ood'); '' for the others
 
 
-def paired_difference(a: RunResult, b: RunResult, role: str) -> tuple[float, float]:
-    """(mean, 95% half-width) in points of a's minus b's average accuracy over the domains of ``role``."""
+def paired_difference(a: RunResult, b: RunResult, group: str) -> tuple[float, float]:
+    """(mean, 95% half-width) in points of a's minus b's average accuracy over the domains of ``group``
+    ('id', 'near_ood', 'far_ood'; 'ood': every test-only domain)."""
     means, variances = [], []
     for name, domain in a.domains.items():
-        if domain["role"] != role:
+        if not in_group(record_group(domain), group):
             continue
         diff = 100 * (np.asarray(domain["accuracies"]) - np.asarray(b.domains[name]["accuracies"]))
         means.append(diff.mean())
@@ -84,43 +91,59 @@ def meta_tuning_claim(results: list[RunResult]) -> Claim:
                  evidence, numbers)
 
 
-def ood_claim(results: list[RunResult]) -> Claim:
+def ood_groups(results: list[RunResult]) -> list[str]:
+    """The OOD groups claims (c) and (d) are judged on: near-OOD and far-OOD where declared, else OOD."""
+    present = {record_group(d) for run in results for d in run.domains.values()}
+    return [g for g in ("near_ood", "far_ood") if g in present] or ["ood"]
+
+
+def ood_claim(results: list[RunResult], group: str = "ood") -> Claim:
     pmf, smat = by_method(results, "pmf")[0], chosen_smat(results)
     evidence, numbers = [], {}
     for run in by_method(results, "smat"):
-        mean, half = paired_difference(run, pmf, "ood")
+        mean, half = paired_difference(run, pmf, group)
         numbers[run.spec.name] = {"difference": mean, "ci95": half}
         chosen = " (chosen on validation)" if run is smat else ""
-        evidence.append(describe(f"OOD average, {run.spec.name}{chosen} − PMF", mean, half))
+        evidence.append(describe(f"{label(group)} average, {run.spec.name}{chosen} − PMF", mean, half))
+    pretrained = by_method(results, "pretrained")
+    if pretrained:  # the backbone both started from, for reference
+        for run in (pmf, smat):
+            mean, half = paired_difference(run, pretrained[0], group)
+            evidence.append(describe(f"{label(group)} average, {run.spec.name} − pretrained (reference)", mean, half))
     mean, half = numbers[smat.spec.name]["difference"], numbers[smat.spec.name]["ci95"]
     # "≥": holds unless SMAT is below PMF beyond the interval; above it beyond the interval is the paper's win
     verdict = FAILS if mean + half < 0 else HOLDS if mean - half > 0 else NOT_SEPARATED
-    return Claim("c", "SMAT's OOD accuracy is at least PMF's", verdict, evidence, numbers)
+    return Claim("c", f"SMAT's {label(group)} accuracy is at least PMF's", verdict, evidence, numbers, group)
 
 
-def tradeoff_claim(results: list[RunResult]) -> Claim:
+def tradeoff_claim(results: list[RunResult], group: str = "ood") -> Claim:
     runs = sorted(by_method(results, "smat"), key=lambda r: r.spec.tau)
     taus = [r.spec.tau for r in runs]
-    averages = {role: [r.average(role) for r in runs] for role in ("id", "ood")}
+    name = label(group)
+    averages = {key: [r.average(key) for r in runs] for key in ("id", group)}
     # undefined (NaN) for fewer than 3 runs or accuracies that do not vary
-    correlation = {role: float(spearmanr(taus, values).statistic) if len(runs) > 2 and np.ptp(values) > 0
-                   else float("nan") for role, values in averages.items()}
-    evidence = [f"τ = {tau:g}: ID {i:.2f}, OOD {o:.2f}" for tau, i, o in zip(taus, averages["id"], averages["ood"])]
-    evidence.append(f"Spearman ρ(τ, ID) = {correlation['id']:+.2f}, ρ(τ, OOD) = {correlation['ood']:+.2f} "
+    correlation = {key: float(spearmanr(taus, values).statistic) if len(runs) > 2 and np.ptp(values) > 0
+                   else float("nan") for key, values in averages.items()}
+    evidence = [f"τ = {tau:g}: ID {i:.2f}, {name} {o:.2f}" for tau, i, o in zip(taus, averages["id"], averages[group])]
+    pretrained = by_method(results, "pretrained")
+    if pretrained:  # where the backbone is above the meta-tuned runs, higher τ should move towards it
+        evidence.append(f"pretrained: ID {pretrained[0].average('id'):.2f}, {name} {pretrained[0].average(group):.2f}")
+    evidence.append(f"Spearman ρ(τ, ID) = {correlation['id']:+.2f}, ρ(τ, {name}) = {correlation[group]:+.2f} "
                     f"(the paper: ID falls and OOD rises as τ grows)")
     # decided on the paired change from the lowest to the highest τ: ρ alone calls a 0.1-point drift a trend
-    change = {role: paired_difference(runs[-1], runs[0], role) if len(runs) > 1 else (float("nan"),) * 2
-              for role in ("id", "ood")}
-    for role, (mean, half) in change.items():
-        evidence.append(describe(f"{role.upper()} average, {runs[-1].spec.name} − {runs[0].spec.name}"
-                                 if len(runs) > 1 else f"{role.upper()} change", mean, half))
-    trend = {role: 1 if mean - half > 0 else -1 if mean + half < 0 else 0 for role, (mean, half) in change.items()}
-    verdict = (HOLDS if trend["id"] < 0 < trend["ood"] else FAILS if trend["id"] > 0 or trend["ood"] < 0
+    change = {key: paired_difference(runs[-1], runs[0], key) if len(runs) > 1 else (float("nan"),) * 2
+              for key in ("id", group)}
+    for key, (mean, half) in change.items():
+        evidence.append(describe(f"{label(key)} average, {runs[-1].spec.name} − {runs[0].spec.name}"
+                                 if len(runs) > 1 else f"{label(key)} change", mean, half))
+    trend = {key: 1 if mean - half > 0 else -1 if mean + half < 0 else 0 for key, (mean, half) in change.items()}
+    verdict = (HOLDS if trend["id"] < 0 < trend[group] else FAILS if trend["id"] > 0 or trend[group] < 0
                else NOT_SEPARATED)
-    return Claim("d", "an ID–OOD trade-off across τ: higher sparsity, lower ID and higher OOD accuracy", verdict,
-                 evidence, {"taus": taus, **{f"{role}_average": v for role, v in averages.items()},
-                            "spearman": correlation,
-                            "change": {role: {"difference": m, "ci95": h} for role, (m, h) in change.items()}})
+    return Claim("d", f"an ID–{name} trade-off across τ: higher sparsity, lower ID and higher {name} accuracy",
+                 verdict, evidence, {"taus": taus, **{f"{key}_average": v for key, v in averages.items()},
+                                     "spearman": correlation,
+                                     "change": {key: {"difference": m, "ci95": h} for key, (m, h) in change.items()}},
+                 group)
 
 
 def random_overlap(density: np.ndarray) -> np.ndarray:
@@ -167,7 +190,11 @@ def specialisation_claim(results: list[RunResult]) -> Claim:
 
 
 CLAIMS = (sparsity_claim, meta_tuning_claim, ood_claim, tradeoff_claim, specialisation_claim)
+PER_OOD_GROUP = (ood_claim, tradeoff_claim)
 
 
 def judge_claims(results: list[RunResult]) -> list[Claim]:
-    return [claim(results) for claim in CLAIMS]
+    """(a)–(e) in order; (c) and (d) once per OOD group (:func:`ood_groups`)."""
+    groups = ood_groups(results)
+    return [judged for claim in CLAIMS
+            for judged in ([claim(results, g) for g in groups] if claim in PER_OOD_GROUP else [claim(results)])]

@@ -21,6 +21,7 @@ from ..adapt import AdaptConfig
 from ..analysis import AnalysisError, mask_overlap
 from ..config import ConfigError
 from ..data import DataError, episodes
+from ..data.groups import in_group, record_group
 from ..evaluation.modes import evaluate_mode, plan_run
 from ..evaluation.runs import load_run
 from ..runtime import checkpoint
@@ -41,7 +42,9 @@ class RunResult:
 
     spec: RunSpec
     path: Path
-    domains: dict  # {domain: {"role": "id" | "ood", "accuracies": [per task]}}, the same tasks for every run
+    # {domain: {"role": "id" | "ood", "group": "id" | "near_ood" | "far_ood" | "ood", "accuracies": [per task]}},
+    # the same tasks for every run
+    domains: dict
     val_accuracy: float  # best validation accuracy (chooses among runs without looking at test tasks)
     sparsity: list[float] | None  # each expert's hard sparsity (masked methods)
     overlap: list[list[float]] | None  # IoU of the experts' hard masks [M, M] (masked methods)
@@ -53,9 +56,11 @@ class RunResult:
         """The row's name in tables: the run, and its mode unless it is ProtoNet."""
         return self.spec.name if self.mode == "protonet" else f"{self.spec.name} + {self.mode}"
 
-    def average(self, role: str) -> float:
-        """Mean accuracy (%) over the domains of ``role``, each domain weighted equally."""
-        means = [100 * sum(d["accuracies"]) / len(d["accuracies"]) for d in self.domains.values() if d["role"] == role]
+    def average(self, group: str) -> float:
+        """Mean accuracy (%) over the domains of ``group`` ('id', 'near_ood', 'far_ood'; 'ood': every test-only
+        domain), each domain weighted equally; NaN without such a domain."""
+        means = [100 * sum(d["accuracies"]) / len(d["accuracies"]) for d in self.domains.values()
+                 if in_group(record_group(d), group)]
         return sum(means) / len(means) if means else float("nan")
 
 
@@ -117,7 +122,9 @@ def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progre
     """Accuracy of one run's best checkpoint under ``mode`` on ``plan.episodes`` test tasks per domain (cached)."""
     path = root / spec.name
     state = training_state(path) or {}
-    key = {"episodes": plan.episodes, "step": state.get("step"), "best": checkpoint.resolve(path, "best").name}
+    # "groups": evaluations cached before the test domains had groups (and the far-OOD domains) are redone
+    key = {"episodes": plan.episodes, "step": state.get("step"), "best": checkpoint.resolve(path, "best").name,
+           "groups": 1}
     cache = path / (CACHE if mode == "protonet" else CACHE.replace(".json", f"_{mode}.json"))
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -131,7 +138,8 @@ def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progre
     results, _ = evaluate_mode(evaluation, mode, options, progress)
     model = run.model
     record = {
-        "domains": {r.domain: {"role": r.role, "accuracies": r.accuracies} for r in results},
+        "domains": {r.domain: {"role": r.role, "group": r.domain_group, "accuracies": r.accuracies}
+                    for r in results},
         "val_accuracy": float(run.state.get("best_val", float("nan"))),
         "sparsity": model.hard_sparsity().tolist() if model.masked else None,
         "overlap": mask_overlap(model.hard_masks().cpu()).tolist() if model.masked else None,

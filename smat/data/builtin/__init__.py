@@ -8,6 +8,15 @@ Roles are fixed: ID domains have train/val/test class splits and are used
 for meta-training; OOD domains put every class in 'test' and are used for
 meta-testing only; the pre-training domain's classes (all in 'train') are
 disjoint from both, for pre-training the built-in backbone.
+
+Every test domain's group is part of its definition (:data:`GROUPS`):
+
+- ``id``: the meta-training domains (their test classes);
+- ``near_ood``: unseen classes drawn by a training generator (the same glyph
+  renderer and fonts, or the procedural colour compositing of the shapes);
+- ``far_ood``: a source or generator that no training domain uses: real
+  handwriting and photographs, typefaces, renderers and colour schemes never
+  seen in training (:mod:`.far_ood`).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ..source import ArrayDomain, Source
 from . import glyphs
 from .cache import cache_dir, load_arrays, save_arrays
 from .digits import generate_digits
+from .far_ood import generate_cm_outline, generate_lowres_inverted, generate_photo_patches
 from .pretrain_families import generate_pretrain_procedural
 from .shapes import generate_shapes, generate_textures
 
@@ -41,14 +51,27 @@ PROCEDURAL_PER_CLASS = 40
 PRETRAIN_MAX_CLASSES = 240  # glyph classes
 PRETRAIN_PROCEDURAL_CLASSES = 40  # per procedural kind (harmonic_outline, scribble, wave_mixture, bandpass_noise)
 PRETRAIN_PER_CLASS = 40
+FAR_OOD_PER_CLASS = 40
+# Far-OOD domains added after builtin-v3 carry their own tag in the file name, so that changing one of them
+# regenerates that domain only and never invalidates the pre-training cache (bump the tag, not CACHE_VERSION).
+FAR_OOD_TAG = "far1"
+
+# A test domain's group: who drew it, relative to the training data (see the module docstring).
+GROUPS = ("id", "near_ood", "far_ood")
 
 
 @dataclass(frozen=True)
 class BuiltinDomain:
     name: str
-    role: str  # 'id', 'ood' or 'pretrain'
+    group: str  # 'id', 'near_ood', 'far_ood' (test domains) or 'pretrain'
     description: str
     generate: Callable[[int, int], tuple[np.ndarray, np.ndarray, list[str]]]  # (size, seed) → arrays
+    cache_tag: str = ""  # part of the cache file's name (bumped when this domain's generation changes)
+
+    @property
+    def role(self) -> str:
+        """'id' (meta-trained on), 'ood' (tested only: near- or far-OOD) or 'pretrain'."""
+        return "ood" if self.group in ("near_ood", "far_ood") else self.group
 
 
 def _glyph_domain(name: str, max_classes: int | None = None, per_class: int = GLYPHS_PER_CLASS):
@@ -80,19 +103,31 @@ DOMAINS: dict[str, BuiltinDomain] = {d.name: d for d in (
     BuiltinDomain("arrows_technical", "id", "arrows and technical symbols", _glyph_domain("arrows_technical")),
     BuiltinDomain("shapes", "id", "procedural shapes, filled or outlined, in colour",
                   lambda size, seed: generate_shapes(PROCEDURAL_PER_CLASS, size, seed)),
-    BuiltinDomain("armenian_georgian", "ood", "Armenian and Georgian letters", _glyph_domain("armenian_georgian")),
-    BuiltinDomain("hebrew_arabic", "ood", "Hebrew and Arabic letters", _glyph_domain("hebrew_arabic")),
-    BuiltinDomain("braille", "ood", "Braille patterns", _glyph_domain("braille")),
-    BuiltinDomain("textures", "ood", "procedural textures in colour",
+    BuiltinDomain("armenian_georgian", "near_ood", "Armenian and Georgian letters",
+                  _glyph_domain("armenian_georgian")),
+    BuiltinDomain("hebrew_arabic", "near_ood", "Hebrew and Arabic letters", _glyph_domain("hebrew_arabic")),
+    BuiltinDomain("braille", "near_ood", "Braille patterns", _glyph_domain("braille")),
+    BuiltinDomain("textures", "near_ood", "procedural textures in colour",
                   lambda size, seed: generate_textures(PROCEDURAL_PER_CLASS, size, seed)),
-    BuiltinDomain("digits", "ood", "scikit-learn's handwritten digits (8×8, upsampled)",
+    BuiltinDomain("digits", "far_ood", "scikit-learn's handwritten digits (8×8, upsampled)",
                   lambda size, seed: generate_digits(size)),
+    BuiltinDomain("photo_patches", "far_ood", "regions of real photos (scikit-learn's china and flower, "
+                  "matplotlib's grace_hopper), random crops", lambda size, seed: generate_photo_patches(
+                      FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
+    BuiltinDomain("cm_outline", "far_ood", "digits and signs in Computer Modern typefaces, hollow outlines "
+                  "in colour on gradients", lambda size, seed: generate_cm_outline(FAR_OOD_PER_CLASS, size, seed),
+                  FAR_OOD_TAG),
+    BuiltinDomain("lowres_inverted", "far_ood", "digits and signs in Pillow's fonts, light on dark, low "
+                  "resolution, blur and noise", lambda size, seed: generate_lowres_inverted(
+                      FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
     BuiltinDomain("pretrain", "pretrain", "Canadian syllabics, IPA, geometric shapes, symbols, dingbats, "
                   "box drawing, Lisu, Tifinagh, N'Ko; random blobs, scribbles, wave mixtures, band-pass noise",
                   _pretrain_domain),
 )}
-ID_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.role == "id")
-OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.role == "ood")
+ID_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "id")
+NEAR_OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "near_ood")
+FAR_OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "far_ood")
+OOD_DOMAINS = NEAR_OOD_DOMAINS + FAR_OOD_DOMAINS
 PRETRAIN_DOMAIN = "pretrain"
 
 
@@ -101,7 +136,9 @@ def domain_seed(name: str) -> int:
 
 
 def cache_path(name: str, root: Path | None = None) -> Path:
-    return (root or cache_dir()) / CACHE_VERSION / f"{name}-{NATIVE_SIZE}px.npz"
+    domain = DOMAINS.get(name)
+    tag = f"-{domain.cache_tag}" if domain is not None and domain.cache_tag else ""
+    return (root or cache_dir()) / CACHE_VERSION / f"{name}{tag}-{NATIVE_SIZE}px.npz"
 
 
 def build(name: str, root: Path | None = None, rebuild: bool = False) -> Path:
