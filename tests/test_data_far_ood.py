@@ -26,12 +26,13 @@ from smat.evaluation.tables import ModeResult, results_csv, results_markdown
 from smat.experiments import RunResult, RunSpec
 from smat.experiments.claims import judge_claims, paired_difference
 
-NEW_FAR_OOD = ("photo_patches", "cm_outline", "lowres_inverted")
+NEW_FAR_OOD = ("photo_patches", "scan_patches", "cm_outline", "lowres_inverted")
 # sha256 of the images of each far-OOD domain as generated at NATIVE_SIZE with its domain seed: the built-in
 # data must be the same bytes on every machine (a change here is a change of the data: bump FAR_OOD_TAG)
 RECORDED = {
     "digits": "3e5d1fe8ab576bf47b06861e297adbac35bf95739a686e2f66be684f114e4584",
-    "photo_patches": "2e804fa4a13034cc5a6d4f4433460d646ba7c6e16157d33845912cf24749458a",
+    "photo_patches": "e5a9d5e725b1303b5145f591c1410e345b826b207d8f9e2d9ce1745ad45ee98d",
+    "scan_patches": "390803d4b256db608bb242e431d76e1e93db68649c5dd6b814b91a1aa7ecac67",
     "cm_outline": "9ac4ff43c0dd26cf492d2129646665d5118d0df2d459e7f051af8ab452f94748",
     "lowres_inverted": "c2368ddabe81d8cea7e22fca54a7c012df41c169d463871958339b399be55302",
 }
@@ -88,7 +89,7 @@ def test_far_ood_generators_import_only_dependencies_and_no_training_generator()
     for name in FAR_OOD_DOMAINS:
         used = set(DOMAINS[name].generate.__code__.co_names)
         assert not used & training, (name, used & training)
-        assert used & {"generate_digits", "generate_photo_patches", "generate_cm_outline",
+        assert used & {"generate_digits", "generate_photo_patches", "generate_scan_patches", "generate_cm_outline",
                        "generate_lowres_inverted"}, name
 
 
@@ -104,6 +105,14 @@ def test_photos_are_the_files_the_dependencies_ship():
         height, width = photos[photo].shape[:2]
         assert 0 <= left < right <= width and 0 <= top < bottom <= height, region
         assert min(right - left, bottom - top) >= 40, region  # room for crops that differ
+    for file in ("s1045.ima.gz", "jacksboro_fault_dem.npz"):
+        assert (matplotlib_data / file).is_file()
+    scans = far_ood.scans()
+    assert {s for s, _, _ in far_ood.SCAN_REGIONS} == set(scans)
+    for scan, region, (left, top, right, bottom) in far_ood.SCAN_REGIONS:
+        height, width = scans[scan].shape
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height, region
+        assert min(right - left, bottom - top) >= 40, region
     for font in far_ood.CM_FONTS:
         assert Path(far_ood.font_path(font)).is_file()
         assert Path(far_ood.font_path(font)).is_relative_to(Path(matplotlib.get_data_path()))
@@ -115,7 +124,8 @@ def test_far_ood_domains_generate_without_network(monkeypatch):
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    for generate in (far_ood.generate_photo_patches, far_ood.generate_cm_outline, far_ood.generate_lowres_inverted):
+    for generate in (far_ood.generate_photo_patches, far_ood.generate_scan_patches, far_ood.generate_cm_outline,
+                     far_ood.generate_lowres_inverted):
         images, labels, names = generate(2, NATIVE_SIZE, 0)
         assert len(images) == 2 * len(names) and images.dtype == np.uint8
 
@@ -186,7 +196,7 @@ def test_renderer_settings_differ_from_training(far_source):
 def test_far_ood_class_counts_and_instances(far_source):
     for name in NEW_FAR_OOD:
         domain = far_source[name]
-        assert len(domain.class_names) >= 19 and len(set(domain.class_names)) == len(domain.class_names)
+        assert len(domain.class_names) >= 10 and len(set(domain.class_names)) == len(domain.class_names)
         assert domain.images.shape[1:3] == (NATIVE_SIZE, NATIVE_SIZE) and domain.images.std() > 20
         assert domain.classes("test") == list(range(len(domain.class_names))) and not domain.classes("train")
         for label_ in range(len(domain.class_names)):
@@ -223,10 +233,19 @@ def test_far_ood_characters_are_no_training_class():
         assert not alike.any(), (character, [characters[i] for i in np.flatnonzero(alike)])
 
 
-def test_photo_classes_are_regions_no_training_domain_draws():
+def test_photo_and_scan_classes_are_distinct_regions():
     names = {f"{photo}: {region}" for photo, region, _ in far_ood.PHOTO_REGIONS}
     assert len(names) == len(far_ood.PHOTO_REGIONS) >= 16
     assert len({photo for photo, _, _ in far_ood.PHOTO_REGIONS}) == 3
+    assert len({f"{scan}: {region}" for scan, region, _ in far_ood.SCAN_REGIONS}) == len(far_ood.SCAN_REGIONS) >= 10
+    for regions in (far_ood.PHOTO_REGIONS, far_ood.SCAN_REGIONS):  # no two classes of one picture overlap much
+        for i, (a, _, box_a) in enumerate(regions):
+            for b, _, box_b in regions[i + 1:]:
+                if a == b:
+                    width = min(box_a[2], box_b[2]) - max(box_a[0], box_b[0])
+                    height = min(box_a[3], box_b[3]) - max(box_a[1], box_b[1])
+                    smaller = min((r[2] - r[0]) * (r[3] - r[1]) for r in (box_a, box_b))
+                    assert max(width, 0) * max(height, 0) < 0.25 * smaller, (box_a, box_b)
 
 
 # ---------------------------------------------------------------- deterministic: the same bytes

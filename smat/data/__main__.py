@@ -61,7 +61,7 @@ def overview(args) -> Path:
         classes = rng.choice(len(domain.class_names), size=min(7, len(domain.class_names)), replace=False)
         images = [domain.load(int(c), i) for c in classes for i in range(2)]
         group = label(builtin.DOMAINS[name].group) if name != builtin.PRETRAIN_DOMAIN else "pre-training"
-        strips.append(domain_strip(f"{name} ({group})", np.stack(images), args.size))
+        strips.append(domain_strip(f"{name} ({group})", np.stack(images), args.size, label_width=175))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stack_vertically(strips).save(out, optimize=True)

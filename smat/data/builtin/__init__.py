@@ -35,7 +35,7 @@ from ..source import ArrayDomain, Source
 from . import glyphs
 from .cache import cache_dir, load_arrays, save_arrays
 from .digits import generate_digits
-from .far_ood import generate_cm_outline, generate_lowres_inverted, generate_photo_patches
+from .far_ood import generate_cm_outline, generate_lowres_inverted, generate_photo_patches, generate_scan_patches
 from .pretrain_families import generate_pretrain_procedural
 from .shapes import generate_shapes, generate_textures
 
@@ -54,7 +54,7 @@ PRETRAIN_PER_CLASS = 40
 FAR_OOD_PER_CLASS = 40
 # Far-OOD domains added after builtin-v3 carry their own tag in the file name, so that changing one of them
 # regenerates that domain only and never invalidates the pre-training cache (bump the tag, not CACHE_VERSION).
-FAR_OOD_TAG = "far1"
+FAR_OOD_TAG = "far2"  # far1: a development version of these domains, never released
 
 # A test domain's group: who drew it, relative to the training data (see the module docstring).
 GROUPS = ("id", "near_ood", "far_ood")
@@ -113,6 +113,9 @@ DOMAINS: dict[str, BuiltinDomain] = {d.name: d for d in (
                   lambda size, seed: generate_digits(size)),
     BuiltinDomain("photo_patches", "far_ood", "regions of real photos (scikit-learn's china and flower, "
                   "matplotlib's grace_hopper), random crops", lambda size, seed: generate_photo_patches(
+                      FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
+    BuiltinDomain("scan_patches", "far_ood", "regions of a real MRI slice and a hill-shaded terrain model "
+                  "(matplotlib's sample data), random crops, grey", lambda size, seed: generate_scan_patches(
                       FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
     BuiltinDomain("cm_outline", "far_ood", "digits and signs in Computer Modern typefaces, hollow outlines "
                   "in colour on gradients", lambda size, seed: generate_cm_outline(FAR_OOD_PER_CLASS, size, seed),

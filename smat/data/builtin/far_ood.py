@@ -13,6 +13,12 @@ the source, the fonts, the renderer nor the procedural family:
   lake, the dahlia's centre, the flag's stars, the glasses …); instances are
   random square crops inside the region with a small rotation, mirror and
   brightness change.
+- ``scan_patches``: real measured images in grey, from matplotlib's sample
+  data: a sagittal MRI slice of a head (``s1045.ima.gz``) and the
+  hill-shaded elevation model of a terrain (``jacksboro_fault_dem.npz``,
+  shaded by matplotlib's ``LightSource``). A class is one anatomical or
+  terrain region (cortex folds, cerebellum, cheek, fault ridge …); instances
+  are crops as for the photos.
 - ``cm_outline``: numerals and signs in the Computer Modern typefaces that
   matplotlib ships for mathtext (cmr10, cmss10, cmtt10, cmti10, cmb10; never
   used in training), drawn as hollow outlines (stroke only, no fill) in a
@@ -37,6 +43,7 @@ import unicodedata
 
 import matplotlib
 import matplotlib.cbook
+import matplotlib.colors
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from sklearn.datasets import load_sample_images
@@ -78,11 +85,19 @@ def photos() -> dict[str, np.ndarray]:
     return {"china": china, "flower": flower, "grace_hopper": grace}
 
 
+PAD = 64  # pictures are mirrored outwards by this much, so that a rotated crop at an edge shows no black corner
+
+
+def _padded(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.pad(array, [(PAD, PAD), (PAD, PAD)] + [(0, 0)] * (array.ndim - 2), mode="reflect"))
+
+
 def _photo_crop(photo: Image.Image, box, rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random square crop inside ``box`` (the picture's pixels; ``photo`` is the picture padded by PAD)."""
     left, top, right, bottom = box
     side = rng.uniform(0.55, 0.9) * min(right - left, bottom - top)
-    x = rng.uniform(left, right - side)
-    y = rng.uniform(top, bottom - side)
+    x = PAD + rng.uniform(left, right - side)
+    y = PAD + rng.uniform(top, bottom - side)
     angle = rng.uniform(-10, 10)
     # rotate a larger patch about the crop's centre, then cut the crop's square from its middle
     margin = side * 0.25
@@ -97,10 +112,47 @@ def _photo_crop(photo: Image.Image, box, rng: np.random.Generator, size: int) ->
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
+# (scan, class name, box (left, top, right, bottom) in the scan's pixels)
+SCAN_REGIONS: tuple[tuple[str, str, tuple[int, int, int, int]], ...] = (
+    ("mri", "cortex folds", (48, 50, 160, 110)),
+    ("mri", "cerebellum", (138, 112, 182, 152)),
+    ("mri", "cheek", (32, 150, 82, 215)),
+    ("mri", "neck and spine", (110, 165, 165, 235)),
+    ("mri", "crown of the head", (70, 18, 170, 58)),
+    ("mri", "eye and sinus", (40, 105, 95, 150)),
+    ("terrain", "steep ridges", (0, 130, 130, 260)),
+    ("terrain", "fault ridge", (230, 40, 400, 110)),
+    ("terrain", "gentle hills", (270, 150, 403, 300)),
+    ("terrain", "southern slopes", (130, 250, 260, 344)),
+)
+
+
+@functools.cache
+def scans() -> dict[str, np.ndarray]:
+    """matplotlib's MRI slice and hill-shaded terrain, uint8 H×W (grey)."""
+    with matplotlib.cbook.get_sample_data("s1045.ima.gz") as file:
+        mri = np.frombuffer(file.read(), np.uint16).reshape(256, 256).astype(np.float64)
+    elevation = matplotlib.cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"]
+    shade = matplotlib.colors.LightSource(azdeg=315, altdeg=45).hillshade(elevation, vert_exag=1, dx=10, dy=10)
+    return {"mri": np.round(255 * mri / mri.max()).astype(np.uint8),
+            "terrain": np.round(255 * shade).astype(np.uint8)}
+
+
+def generate_scan_patches(per_class: int, size: int, seed: int):
+    """images uint8 [C·per_class, size, size] (grey), labels, class names '<scan>: <region>'."""
+    rng = np.random.default_rng(seed)
+    pictures = {name: _padded(array) for name, array in scans().items()}
+    images, names = [], []
+    for scan, region, box in SCAN_REGIONS:
+        names.append(f"{scan}: {region}")
+        images.extend(_photo_crop(pictures[scan], box, rng, size) for _ in range(per_class))
+    return np.stack(images), np.repeat(np.arange(len(names)), per_class), names
+
+
 def generate_photo_patches(per_class: int, size: int, seed: int):
     """images uint8 [C·per_class, size, size, 3], labels, class names '<photo>: <region>'."""
     rng = np.random.default_rng(seed)
-    pictures = {name: Image.fromarray(array) for name, array in photos().items()}
+    pictures = {name: _padded(array) for name, array in photos().items()}
     images, names = [], []
     for photo, region, box in PHOTO_REGIONS:
         names.append(f"{photo}: {region}")
