@@ -33,15 +33,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .adapt import MODES, AdaptConfig, validate_adapt
-from .config import ConfigError, merge_values, parse_override
+from .config import ConfigError, count_flag, merge_values, parse_override
 from .data import DataError
 from .evaluation import tables
 from .evaluation.modes import Plan, evaluate_mode, plan_run
 from .evaluation.runs import load_run
 from .runtime import checkpoint
-from .runtime.io import OutputError, atomic_write_json, ensure_writable_dir
+from .runtime.io import OutputError, atomic_write_json, check_output_folder, ensure_writable_dir
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+OUTPUTS = ("results.md", "results.csv", "cost.md", "cost.csv", "results.json")  # an earlier evaluation's, replaced
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,10 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     # no argparse choices: they would be checked before the overrides that follow the modes are set apart
     parser.add_argument("--mode", nargs="+", default=["protonet"], metavar="{" + ",".join(MODES) + "}",
                         help="protonet: no adaptation; select: Algorithm 2; full: Algorithm 3; lora: LoRA")
-    parser.add_argument("--episodes", type=int, metavar="N", help="test episodes per domain (evaluate.episodes)")
+    parser.add_argument("--episodes", type=count_flag(1), metavar="N", help="test episodes per domain "
+                        "(evaluate.episodes)")
     parser.add_argument("--folder", nargs="+", metavar="DIR", help="image folders added to the test domains as OOD, "
                         "every class tested: <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image> (one domain)")
-    parser.add_argument("--output", metavar="DIR", help="where the tables go (default: <first run>/evaluation)")
+    parser.add_argument("--output", metavar="DIR", help="where the tables go (default: <first run>/evaluation); "
+                        "never a run or export folder")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that holds other "
+                        "files than an earlier evaluation's")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides (data.n_way=5, device=cpu) and adaptation options (adapt.steps=50)")
     args = parser.parse_intermixed_args(argv)
@@ -74,8 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [mode for mode in args.mode if mode not in MODES]
     if unknown:
         parser.error(f"--mode: invalid choice: {', '.join(map(repr, unknown))} (choose from {', '.join(MODES)})")
-    if args.episodes is not None and args.episodes < 1:
-        parser.error(f"--episodes must be a positive integer; got {args.episodes}")
     return args
 
 
@@ -136,8 +139,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         overrides, options = split_overrides(args.overrides)
+        output = check_output_folder(args.output or Path(args.checkpoint[0]).expanduser() / "evaluation",
+                                     OUTPUTS, args.overwrite)
         plans = load_plans(args, overrides, options)
-        folder = ensure_writable_dir(args.output or Path(args.checkpoint[0]).expanduser() / "evaluation")
+        folder = ensure_writable_dir(output)
         results, costs = evaluate_plans(plans, args.mode, options)
         paths = write_outputs(folder, plans, results, costs, options)
     except (ConfigError, DataError, OutputError, checkpoint.CheckpointError) as error:

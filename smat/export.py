@@ -20,14 +20,17 @@ from .runtime.io import OutputError
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smat.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run", metavar="RUN", help="run folder written by `python -m smat.train` (best checkpoint)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the export")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the export (new or empty; "
+                        "never a run folder)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that already holds "
+                        "an export or other files")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        report = export_run(args.run, args.output)
+        report = export_run(args.run, args.output, overwrite=args.overwrite)
     except (ConfigError, OutputError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,12 +25,14 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 from .adapt import MODES, AdaptConfig, validate_adapt  # noqa: E402
-from .config import ConfigError, merge_values, parse_override  # noqa: E402
+from .config import ConfigError, device_flag, merge_values, parse_override, positive_flag  # noqa: E402
 from .data import DataError  # noqa: E402
 from .inference import Predictions, load  # noqa: E402
 from .inference import images as image_io  # noqa: E402
 from .runtime import checkpoint  # noqa: E402
-from .runtime.io import OutputError, atomic_path  # noqa: E402
+from .runtime.io import OutputError, atomic_path, holds_run  # noqa: E402
+
+CSV_HEADER = ["file", "predicted", "probability"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="images to classify: files, folders of images, or <class>/<image> folders")
     parser.add_argument("--mode", default="protonet", choices=MODES,
                         help="protonet: one merge (default); select: Algorithm 2; full: Algorithm 3; lora: LoRA")
-    parser.add_argument("--output", default="predictions.csv", metavar="CSV", help="default: predictions.csv")
-    parser.add_argument("--device", help="cpu, cuda, … (default: the run's)")
-    parser.add_argument("--lr", type=float, help="learning rate of --mode full/lora (default 1e-4; LoRA ×10)")
+    parser.add_argument("--output", default="predictions.csv", metavar="CSV", help="default: predictions.csv; never "
+                        "inside a run or export folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file that is not an earlier "
+                        "prediction's CSV")
+    parser.add_argument("--device", type=device_flag, help="auto, cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument("--lr", type=positive_flag, help="learning rate of --mode full/lora (default 1e-4; LoRA ×10)")
     parser.add_argument("overrides", nargs="*", metavar="adapt.key=value", help="adaptation options (adapt.steps=50)")
     args = parser.parse_intermixed_args(argv)
     bad = [text for text in args.overrides if not text.startswith("adapt.")]
@@ -77,11 +82,33 @@ def read_support(folder) -> tuple[list[Path], list[str]]:
     return files, labels
 
 
+def check_output(path: Path, overwrite: bool) -> Path:
+    """Refuse an output CSV inside a run or an export folder, or one that would replace a file (the CSV or its
+    confusion-matrix PNG) that is not an earlier prediction's, unless ``overwrite``."""
+    folder = path.parent
+    if holds_run(folder) or (folder / "export.json").is_file():
+        raise OutputError(f"{folder} holds a {'training run' if holds_run(folder) else 'model export'}; write the "
+                          f"predictions elsewhere with --output FILE.csv")
+    if path.is_dir():
+        raise OutputError(f"--output {path} is a folder; give a file name such as {path / 'predictions.csv'}")
+    if overwrite or not path.exists():
+        return path
+    try:
+        with path.open(newline="") as handle:
+            ours = next(csv.reader(handle), [])[:3] == CSV_HEADER
+    except (OSError, UnicodeDecodeError, csv.Error):
+        ours = False
+    if not ours:
+        raise OutputError(f"{path} exists and is not a predictions CSV written by smat.predict; choose another "
+                          f"--output, or give --overwrite to replace it")
+    return path
+
+
 def write_csv(path: Path, predictions: Predictions, truth: list[str | None]) -> None:
     with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.writer(handle)
         labelled = any(label is not None for label in truth)
-        writer.writerow(["file", "predicted", "probability"] + (["true"] if labelled else []))
+        writer.writerow(CSV_HEADER + (["true"] if labelled else []))
         for name, label, confidence, true in zip(predictions.names, predictions.labels,
                                                  predictions.confidence.tolist(), truth, strict=True):
             writer.writerow([name, label, f"{confidence:.4f}"] + ([true or ""] if labelled else []))
@@ -141,7 +168,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         options = adapt_options(args.overrides)
-        output = Path(args.output).expanduser()
+        output = check_output(Path(args.output).expanduser(), args.overwrite)
         support, labels = read_support(args.support)
         files, truth = image_io.query_items(args.query)
         if not files:

@@ -35,7 +35,8 @@ def save(run: Path, step: int, best: bool = False, keep: int = 2) -> Path:
 
 def assert_checkpoint(folder: Path, step: int) -> None:
     found, optimizer, state = checkpoint.load(folder)
-    assert state == {"step": step}
+    assert {key: value for key, value in state.items() if key != "files"} == {"step": step}
+    assert sorted(state["files"]) == ["optimizer.pt", "trainable.safetensors"]  # their SHA-256, checked on load
     assert sorted(found) == sorted(tensors(step))
     assert all(torch.equal(found[name], value) for name, value in tensors(step).items())
     assert torch.equal(optimizer["optimizers"]["delta"]["state"][0]["momentum_buffer"],

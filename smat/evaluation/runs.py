@@ -49,7 +49,9 @@ class Run:
 
 
 def read_run_config(run_dir: str | Path, overrides=()) -> Config:
-    """The config a run was trained with (``<run>/config.yaml``), with ``key=value`` overrides applied."""
+    """The config a run was trained with (``<run>/config.yaml``), with ``key=value`` overrides applied.
+
+    A config.yaml that is not the YAML mapping of a valid config is a CheckpointError naming it."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise checkpoint.CheckpointError(f"run folder {run} does not exist; give the output folder of "
@@ -57,15 +59,38 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
     path = run / "config.yaml"
     if not path.is_file():
         raise checkpoint.CheckpointError(f"{run} has no config.yaml, so it is not a folder written by "
-                                         f"`python -m smat.train`")
+                                         f"`python -m smat.train`{_config_hint(run)}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    config = run_config_from_dict(values)
+        values = yaml.safe_load(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise _damaged_config(path, f"it is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict) or not values:
+        raise _damaged_config(path, f"it holds {'nothing' if not values else type(values).__name__}, not the "
+                                    f"mapping of a run's config")
+    try:
+        config = validate(run_config_from_dict(values))
+    except (ConfigError, TypeError, ValueError, AttributeError) as error:
+        raise _damaged_config(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     for text in overrides:
         merge_values(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
     return validate(config)
+
+
+def _damaged_config(path: Path, problem: str) -> checkpoint.CheckpointError:
+    return checkpoint.CheckpointError(f"{path} is damaged, or was written by another version of smat "
+                                      f"({problem[:300]}); restore it from a backup, or use the smat version "
+                                      f"that trained the run{_config_hint(path.parent)}")
+
+
+def _config_hint(run: Path) -> str:
+    """Where the run's config as trained can be read, when a checkpoint recorded it."""
+    for folder in reversed(checkpoint.steps(run)):
+        try:
+            if isinstance(checkpoint.read_state(folder).get("config"), dict):
+                return f" (the values it was trained with are under 'config' in {folder / checkpoint.STATE})"
+        except checkpoint.CheckpointError:
+            continue
+    return ""
 
 
 def _load_tensors(model: TaskModel, tensors: dict[str, torch.Tensor], folder: Path, config_path) -> None:
@@ -87,17 +112,25 @@ def load_run(run_dir: str | Path, device: torch.device | str | None = None, over
     """Rebuild a run's model: backbone from ``<run>/backbone.safetensors``, the method's model over it,
     and the trained tensors of the ``best`` checkpoint. ``device=None``: the run config's device.
 
-    A checkpoint that does not fit the config (another backbone, M, method or shapes) raises
-    :class:`smat.runtime.checkpoint.CheckpointError` saying what differs."""
+    Every file is checked before it is used: config.yaml against the config the checkpoint recorded, the
+    backbone and the checkpoint's files against their recorded SHA-256, every tensor for NaN/±inf. A
+    checkpoint that does not fit the config (another backbone, M, method or shapes), or any damaged file,
+    raises :class:`smat.runtime.checkpoint.CheckpointError` naming it and what to do."""
     run = Path(run_dir).expanduser()
-    config = read_run_config(run, overrides)
-    device = torch.device(device) if device is not None else resolve_device(config.device)
-    weights = run / "backbone.safetensors"
-    if not weights.is_file():
-        raise checkpoint.CheckpointError(f"{run} has no backbone.safetensors (θ_pre of the run); it is not a "
-                                         f"complete training run")
+    trained = read_run_config(run)
     folder = checkpoint.resolve(run, "best")
-    model = build(config, create_backbone(config.model, weights=weights)).to(device)
+    state = checkpoint.read_state(folder)
+    checkpoint.check_config(state, trained, folder, run / "config.yaml")
+    config = read_run_config(run, overrides) if overrides else trained
+    device = torch.device(device) if device is not None else resolve_device(config.device)
+    weights = checkpoint.check_backbone(run, state, folder)
+    try:
+        checkpoint.read_tensors(weights)  # NaN and ±inf, with the tensor's name
+        backbone = create_backbone(config.model, weights=weights)
+    except ConfigError as error:
+        raise checkpoint.CheckpointError(f"{error}; restore {weights.name} from a backup, or train the run again "
+                                         f"into another folder") from None
+    model = build(config, backbone).to(device)
     tensors, _, state = checkpoint.load(folder, map_location=device, optimizer=False)
     check_compatible(state, model, config, folder)
     _load_tensors(model, tensors, folder, run / "config.yaml")

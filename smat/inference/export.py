@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import smat_kernels
@@ -31,7 +31,7 @@ from ..evaluation.runs import Run, load_run
 from ..model import RoutedModel
 from ..model.backbone import create_backbone
 from ..runtime import checkpoint
-from ..runtime.io import atomic_write_json, atomic_write_text, ensure_writable_dir
+from ..runtime.io import atomic_write_json, atomic_write_text, check_output_folder, ensure_writable_dir
 
 FORMAT = "smat-export"
 FORMAT_VERSION = 1
@@ -135,21 +135,24 @@ class ExportReport:
         return "\n".join(lines)
 
 
-def export_run(run: Run | str | Path, output: str | Path) -> ExportReport:
-    """Write the deployable form of a SMAT run (its best checkpoint) into ``output``."""
+def export_run(run: Run | str | Path, output: str | Path, overwrite: bool = False) -> ExportReport:
+    """Write the deployable form of a SMAT run (its best checkpoint) into ``output``.
+
+    ``output`` may not hold a training run, nor (unless ``overwrite``) an export or any other file: an export
+    never replaces what it did not write. Every file is written atomically."""
+    check_output_folder(output, overwrite=overwrite)
     if not isinstance(run, Run):
         run = load_run(run, "cpu", INFERENCE_OVERRIDES)
     model = run.model
     if not packable(model):
         raise ConfigError(f"{run.path} is a {run.method} run; the packed format stores SMAT's shared θ_δ under "
                           f"binary masks (method smat). Use smat.load({str(run.path)!r}) directly")
-    folder = ensure_writable_dir(output)
+    folder = ensure_writable_dir(check_output_folder(output, overwrite=overwrite))
     packed = pack_experts(model)
-    packed.to("cpu").save(folder / "experts.safetensors")
-    save_file({k: v.detach().clone().contiguous().cpu() for k, v in model.backbone.state_dict().items()},
-              str(folder / "backbone.safetensors"))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.hypernet.state_dict().items()},
-              str(folder / "hypernet.safetensors"))
+    checkpoint.write_tensors(packed.to("cpu").state_dict(), folder / "experts.safetensors")
+    checkpoint.write_tensors({k: v.detach().clone() for k, v in model.backbone.state_dict().items()},
+                             folder / "backbone.safetensors")
+    checkpoint.write_tensors(model.hypernet.state_dict(), folder / "hypernet.safetensors")
     atomic_write_text(folder / "config.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
     dense = model.delta.numel() * model.delta.element_size() + model.log_alpha.numel() * model.log_alpha.element_size()
     record = {"format": FORMAT, "version": FORMAT_VERSION, "method": run.method,

@@ -33,6 +33,20 @@ def describe_os_error(error: OSError, path: Path) -> str:
     return f"cannot write {path}: {error.strerror or error}"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only be read by
+    setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check that a file can be written there, before any long work."""
     path = Path(path).expanduser()
@@ -57,6 +71,8 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
         raise OutputError(describe_os_error(error, path)) from None
     try:
         yield Path(temporary)
+        # mkstemp makes 0600 (and so does safetensors, which replaces the file): a run's files are as any other
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -85,6 +101,7 @@ def atomic_directory(path: str | Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(temporary, 0o777 & ~current_umask())  # mkdtemp makes 0700
     except OSError as error:
         raise OutputError(describe_os_error(error, path)) from None
     try:
@@ -96,6 +113,40 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` is a training run's folder (its config with checkpoints, θ_pre or a log; or its lock)."""
+    path = Path(path)
+    if (path / ".lock").exists():
+        return True
+    markers = ("checkpoints", "metrics.jsonl") if (path / "export.json").is_file() else (
+        "checkpoints", "metrics.jsonl", "backbone.safetensors")  # an export holds a config and θ_pre too
+    return (path / "config.yaml").is_file() and any((path / name).exists() for name in markers)
+
+
+def check_output_folder(path: str | Path, own=(), overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Refuse ``path`` as a command's output folder where writing there could overwrite what the command did
+    not create: a training run (always: a run is never an output), an export or other files (unless
+    ``overwrite``, the command's ``flag``). Names in ``own`` are the command's own outputs of an earlier
+    call, replaced without asking. Returns the path; nothing is created."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output folder {path} is a file; choose a folder")
+    if not path.is_dir():
+        return path
+    if holds_run(path):
+        raise OutputError(f"{path} holds a training run, which an output would overwrite; choose another output "
+                          f"folder")
+    if overwrite:
+        return path
+    others = sorted(p.name for p in path.iterdir() if p.name not in own)
+    if others:
+        kind = "an export, which this would replace" if (path / "export.json").is_file() else "other files"
+        shown = ", ".join(others[:5]) + (f", … ({len(others)})" if len(others) > 5 else "")
+        raise OutputError(f"{path} already holds {kind} ({shown}); choose another output folder, or give {flag} "
+                          f"to write into it anyway")
+    return path
 
 
 def save_config(config: Config, path: str | Path) -> None:

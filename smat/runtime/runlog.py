@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
+from .checkpoint import CheckpointError, RecoveryWarning
 from .io import OutputError, atomic_write_text, describe_os_error
+
+
+class RunLogError(CheckpointError, ValueError):
+    """``metrics.jsonl`` cannot be read (a damaged line other than a partial last one)."""
 
 
 class RunLog:
@@ -36,9 +42,8 @@ class RunLog:
         """Forget records after ``step`` (written before an interruption, replayed after the resume)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        kept = [record for record in read(self.path.parent) if record.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, kind: str, record: dict) -> None:
         if not self.enabled:
@@ -60,7 +65,38 @@ class RunLog:
 
 
 def read(run: Path) -> list[dict]:
+    """The records of ``<run>/metrics.jsonl``. A partial last line (a kill or a full disk in the middle of a
+    write) is dropped with a warning; any other line that is not a JSON record is a :class:`RunLogError`."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_bytes().decode().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunLogError(damaged(path, f"it cannot be read as text ({error})")) from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if _is_record(record):
+            records.append(record)
+        elif number == len(lines):
+            warnings.warn(f"{path}: its last line is incomplete (a write was interrupted) and is dropped",
+                          RecoveryWarning, stacklevel=2)
+        else:
+            raise RunLogError(damaged(path, f"line {number} is not a JSON record"))
+    return records
+
+
+def _is_record(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("kind"), str)
+            and isinstance(value.get("step", 0), (int, float)) and not isinstance(value.get("step", 0), bool))
+
+
+def damaged(path: Path, problem: str) -> str:
+    return (f"{path} is damaged: {problem}. It is the run's training log only: restore it from a backup, or "
+            f"move it away to go on without the history it held")
