@@ -26,6 +26,7 @@ import argparse
 import copy
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -41,9 +42,16 @@ from .runtime.io import OutputError, describe_os_error, ensure_writable_dir, sav
 from .runtime.lock import RunLock, describe_stale
 from .training import Trainer, TrainingError
 
-# what a resume may change: where and how fast it runs, and what its evaluation does, never what it trains
-# (a key ending in '.' stands for its whole section); config_files records the YAML files of the start
-RESUMABLE = ("device", "output", "data.num_workers", "keep_checkpoints", "evaluate.", "config_files")
+# what a resume may change (checkpoints record the rest of the config, to notice a damaged config.yaml)
+RESUMABLE = checkpoint.RESUMABLE
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``): handled as Ctrl-C is, with the line that says how to resume."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def parse_args(argv=None):
@@ -150,7 +158,11 @@ def train(config: Config, run: Path, device: torch.device, world: distributed.Wo
     trainer = Trainer(config, run, device, world, log)
     log(trainer.model.describe())
     if resume:
-        trainer.restore(checkpoint.resolve(run))
+        folder = checkpoint.resolve(run)
+        trainer.restore(folder)
+        if world.is_main:
+            for line in checkpoint.repair_pointers(run, folder):
+                log(line)
     if world.is_main:
         save_config(config, run / "config.yaml")
         if not resume:
@@ -165,6 +177,7 @@ def train(config: Config, run: Path, device: torch.device, world: distributed.Wo
 def main(argv=None) -> int:
     args = parse_args(argv)
     world, lock, run = distributed.World(), None, None
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         config, run, device, resume, lock = prepare(args)
         torch.manual_seed(config.seed)
@@ -173,10 +186,10 @@ def main(argv=None) -> int:
         if lock is not None and lock.previous:
             log(describe_stale(lock.previous))
         train(config, run, device, world, log, resume=resume, evaluate=not args.skip_eval)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         if world.is_main:
             print(interrupted(run), file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(interruption, Terminated) else 130
     except (ConfigError, DataError, OutputError, TrainingError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -187,6 +200,7 @@ def main(argv=None) -> int:
         distributed.shutdown(world)
         if lock is not None:
             lock.release()
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

@@ -134,7 +134,8 @@ class Trainer:
         return {"method": self.config.method, "step": self.step, "total_steps": self.total_steps,
                 "tasks_seen": self.step * self.config.train.meta_batch, "best_val": self.best_val,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
-                "backbone": self.config.model.backbone, **self.model.identity()}
+                "backbone": self.config.model.backbone, **self.model.identity(),
+                "config": checkpoint.config_record(self.config)}
 
     def save(self, best: bool = False) -> None:
         if not self.world.is_main:
@@ -146,18 +147,31 @@ class Trainer:
                         keep=self.config.keep_checkpoints)
 
     def restore(self, folder: Path) -> None:
+        """Continue from checkpoint ``folder``; a checkpoint that does not belong to this run or cannot be read
+        whole is a CheckpointError naming the file, raised before anything is changed."""
         tensors, optimizer_state, state = checkpoint.load(folder, map_location=self.device)
+        checkpoint.check_config(state, self.config, folder, self.run / "config.yaml")
         check_compatible(state, self.model, self.config, folder)
-        self.model.load_trainable_tensors({k: v for k, v in tensors.items() if k != "lambda"})
-        if self.spec.constrained:
-            self.multipliers.load_state_dict({"lambda": tensors["lambda"]})
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(optimizer_state["optimizers"][name])
-        for name, schedule in self.schedules.items():
-            schedule.load_state_dict(optimizer_state["schedules"][name])
-        self.scaler.load_state_dict(optimizer_state["scaler"])
-        self.step, self.best_val = state["step"], state["best_val"]
-        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+        try:
+            self.model.load_trainable_tensors({k: v for k, v in tensors.items() if k != "lambda"})
+            if self.spec.constrained:
+                self.multipliers.load_state_dict({"lambda": tensors["lambda"]})
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise checkpoint.CheckpointError(checkpoint.damaged(
+                Path(folder) / checkpoint.TENSORS, f"does not fit the model of {self.run / 'config.yaml'}: "
+                f"{str(error).splitlines()[0]}")) from None
+        try:
+            for name, opt in self.optimizers.items():
+                opt.load_state_dict(optimizer_state["optimizers"][name])
+            for name, schedule in self.schedules.items():
+                schedule.load_state_dict(optimizer_state["schedules"][name])
+            self.scaler.load_state_dict(optimizer_state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+            raise checkpoint.CheckpointError(checkpoint.damaged(
+                Path(folder) / checkpoint.OPTIMIZER, f"does not hold this run's optimiser state "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")) from None
+        self.step, self.best_val = state["step"], state.get("best_val", -1.0)
+        self.nonfinite_total, self.nonfinite_run = state.get("nonfinite_total", 0), state.get("nonfinite_run", 0)
         self.runlog.truncate(self.step)
         self.log(f"resumed from {folder} at step {self.step}/{self.total_steps}")
 
@@ -227,8 +241,14 @@ class Trainer:
         if self.nonfinite_run >= self.config.train.max_nonfinite:
             raise TrainingError(f"the loss was NaN or infinite for {self.nonfinite_run} steps in a row (step "
                                 f"{self.step}); training stopped. Lower the learning rates (train.delta_lr, "
-                                f"train.mask_lr, train.hyper_lr) or use train.precision=fp32; the last good "
-                                f"checkpoint is in {checkpoint.checkpoint_dir(self.run)}")
+                                f"train.mask_lr, train.hyper_lr) or use train.precision=fp32; "
+                                f"{self._last_good()}")
+
+    def _last_good(self) -> str:
+        complete = checkpoint.steps(self.run)
+        if not complete:
+            return "no checkpoint was written before it (start again with output=ANOTHER_FOLDER)"
+        return f"the last good checkpoint is {complete[-1]}"
 
     # ------------------------------------------------------------ the loop
 
