@@ -26,18 +26,11 @@ import argparse
 import sys
 
 from .analysis import AnalysisError, analyse_all, analyse_run, open_run, unique_names
-from .config import ConfigError
+from .config import ConfigError, count_flag, device_flag
 from .data import DataError
 from .runtime import checkpoint
 from .runtime.device import resolve_device
 from .runtime.io import OutputError, ensure_writable_dir
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv=None):
@@ -46,10 +39,10 @@ def parse_args(argv=None):
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders written by `python -m smat.train`")
     parser.add_argument("--output", help="folder for the plots (default: RUN/analysis for one run, ./analysis "
                         "for several)")
-    parser.add_argument("--episodes", type=positive_int, default=50, help="test episodes per domain for the "
+    parser.add_argument("--episodes", type=count_flag(1), default=50, help="test episodes per domain for the "
                         "mean α (default 50)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the models run (default: "
-                        "each run config's device)")
+    parser.add_argument("--device", type=device_flag, help="where the models run: auto, cpu, cuda or cuda:N "
+                        "(default: each run config's device)")
     return parser.parse_args(argv)
 
 

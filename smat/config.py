@@ -6,21 +6,34 @@ later file overrides an earlier one; a file may name the files it builds on
 with ``base:``), then command-line overrides such as ``train.tau=0.95`` or
 ``model.backbone=vit_small_patch16_224.dino``. The files applied are recorded
 in ``config_files``, so a run's ``config.yaml`` says what it was composed of.
+The configs that come with smat are package data (``smat/configs``): a name
+that is not a file where it is given is looked up there (``pmf``,
+``baselines/pmf.yaml``, ``configs/baselines/pmf.yaml``), from any folder.
 :func:`validate` checks the whole config before any work starts and raises
-one :class:`ConfigError` naming every problem and how to fix it.
+one :class:`ConfigError` naming every problem and how to fix it. Reading and
+checking never end in another exception: a file that is not UTF-8 or not
+YAML, a key given twice, a value of the wrong type or out of range, anchors
+that expand to a huge value, a bad ``base:`` chain all become one bounded
+ConfigError (every line at most LINE_LIMIT characters, values cut with "…").
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
+import functools
 import math
+import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import yaml
 
 from smat_kernels.dispatch import BACKEND_CLASSES
@@ -40,10 +53,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASK_PARALLEL = ("auto", "loop", "vmap")
 SOURCES = ("builtin", "folder", "h5")
 PROTOCOLS = ("fixed", "variable")
+STEMS = ("conv", "patch")  # the built-in ViT's patch embedding: a small conv stem, or timm's linear one
 
 
 class ConfigError(ValueError):
-    """An impossible or inconsistent configuration, found before any work starts."""
+    """An impossible or inconsistent configuration, found before any work starts. Its message is bounded:
+    every line at most LINE_LIMIT characters (values are cut with '…')."""
+
+    def __str__(self) -> str:
+        return bounded(super().__str__())
 
 
 @dataclass
@@ -238,53 +256,77 @@ class Config:
 
 def merge_values(obj, values: dict, where: str = "") -> None:
     """Set the fields of dataclass ``obj`` from a nested dict, keeping types and naming unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'a config'} must be a mapping of config keys; got {short(values)}")
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {short(key)} under {where.rstrip('.') or 'the top level'} is not a name; "
+                              f"config keys are names such as {where}{next(iter(names))}")
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(key[:MAX_TEXT], names, n=1)
             hint = f"; did you mean {where}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {where}{key}{hint}")
+            raise ConfigError(f"unknown config key {where}{short_text(key)}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} is a section; give its keys ({where}{key}.<name>=...)")
             merge_values(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+            setattr(obj, key, _coerce(value, _hints(type(obj))[key], f"{where}{key}"))
 
 
-def _coerce(value, current, name: str):
-    """Keep the default's type where it is unambiguous (YAML reads 1e-3 as a string, 5 as an int)."""
-    if value is None or current is None:
+def _coerce(value, hint, name: str):
+    """The value in its field's type where that is unambiguous (YAML reads 1e-3 as a string, 5 as an int, and
+    a single value where a list is meant); anything else is left for :func:`type_problems` to name."""
+    if value is None:
         return value
-    if isinstance(current, bool):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. float | None: named by type_problems
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return _number_or_value(value) if hint is float else _coerce(value, hint, name) if hint is not str else value
+    if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {short(value)}")
         return value
-    if isinstance(current, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(current, int) and not isinstance(current, bool):
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{name} must be a number, got {short(value)}") from None
+    if hint is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-    if isinstance(current, list) and not isinstance(value, list):
-        return [value]
+            raise ConfigError(f"{name} must be an integer, got {short(value)}")
+    if typing.get_origin(hint) is list:
+        values = value if isinstance(value, list) else [value]
+        if typing.get_args(hint)[0] is float:
+            values = [_number_or_value(v) for v in values]
+        return values
     return value
+
+
+def _number_or_value(value):
+    """A number's float (YAML reads 1e-3 as a string); any other value unchanged."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (ValueError, OverflowError):
+            return value
+    return value
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def parse_override(text: str) -> dict:
     """``a.b.c=value`` → {'a': {'b': {'c': value}}}, the value parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not key=value (e.g. train.tau=0.95)")
+        raise ConfigError(f"override {short(text)} is not key=value (e.g. train.tau=0.95)")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+    value = load_yaml(raw, f"override {short_text(key)}=…") if raw.strip() else None
     nested: dict = {}
     cursor = nested
     parts = key.strip().split(".")
@@ -298,42 +340,220 @@ def load_config(paths=None, overrides=()) -> Config:
     """The defaults, then each YAML file of ``paths`` (one path, a list, or None) in order, then ``overrides``.
 
     A file's ``base:`` (a path or a list, relative to the file) is applied before the file itself, so an
-    overlay can say what it builds on; a later file overrides an earlier one, key by key."""
+    overlay can say what it builds on; a later file overrides an earlier one, key by key. A path that is not
+    a file here is looked up among the configs installed with smat (:func:`find_config`)."""
     config = Config()
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for path in paths or ():
-        _apply_file(config, Path(path), ())
+        _apply_file(config, find_config(path), ())
     for text in overrides:
         merge_values(config, parse_override(text), "")
     return config
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        bundled = Path(__file__).resolve().parent.parent / "configs" / path
-        raise ConfigError(f"config file {path} does not exist"
-                          + (f" (a bundled one is at {bundled})" if bundled.is_file() else ""))
+# --------------------------------------------------------------------------
+# YAML files: bounded, strict, and looked up among the installed configs
+# --------------------------------------------------------------------------
+
+# the configs installed with smat (package data): `--config pmf`, `--config baselines/pmf.yaml` and
+# `--config configs/baselines/pmf.yaml` find smat/configs/baselines/pmf.yaml from any folder
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB
+MAX_YAML_VALUES = 10_000  # values after YAML's aliases are expanded (a "billion laughs" file is refused)
+MAX_BASE_DEPTH = 32  # files named by base: in a chain
+MAX_TEXT = 4096  # characters of a config string (a path at most PATH_MAX)
+MAX_INT = 2**31 - 1  # every integer of a config; seeds are in [0, MAX_INT]
+LINE_LIMIT = 400  # characters of one line of an error message
+MAX_LINES = 60  # lines of one error message
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 8
+_SHORT.maxlevel = 3
+_SHORT.fillvalue = "…"
+
+
+def short(value) -> str:
+    """``repr(value)`` cut to a bounded length, whatever the value holds (YAML aliases can make it huge)."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return short_text(_SHORT.repr(value))
+    except Exception:  # e.g. an int beyond Python's digit limit
+        return f"<{type(value).__name__}>"
+
+
+def short_text(text) -> str:
+    """``text`` as is where short, else cut to 160 characters with '…'."""
+    text = str(text)
+    return text if len(text) <= 160 else text[:130] + "…" + text[-29:]
+
+
+def bounded(message: str) -> str:
+    """``message`` with every line at most LINE_LIMIT characters and at most MAX_LINES lines."""
+    lines = message.splitlines() or [""]
+    cut = [line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 21] + " … " + line[-18:] for line in lines]
+    if len(cut) > MAX_LINES:
+        cut = cut[:MAX_LINES - 1] + [f"… and {len(cut) - MAX_LINES + 1} more lines"]
+    return "\n".join(cut)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader that refuses a key given twice in one mapping, naming the key and its lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"found duplicate key {short(key)} (first given on line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the SafeLoader names it below
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, name: str):
+    """The YAML value of ``text``; a ConfigError naming ``name`` for anything that is not a small, plain value."""
+    loader = None
+    try:
+        loader = _StrictLoader(text)  # refuses control characters already
+        loader.name = name  # error marks say: in "<name>", line N
+        value = loader.get_single_data()
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{name} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{name} is nested too deeply for a config") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"{name} holds an integer too long to be a config value") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    _check_size(value, name)
+    return value
+
+
+def _check_size(value, name: str) -> None:
+    """Refuse a value of more than MAX_YAML_VALUES values once aliases are expanded, without expanding it."""
+    stack, count = [value], 0
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{name} holds more than {MAX_YAML_VALUES} values once its YAML anchors and aliases "
+                              f"are expanded; a config is a few dozen keys")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+
+
+def bundled_configs() -> list[str]:
+    """The configs installed with smat, as ``--config`` takes them (e.g. ``baselines/pmf``)."""
+    return sorted(str(p.relative_to(PACKAGE_CONFIGS).with_suffix("")) for p in PACKAGE_CONFIGS.rglob("*.yaml"))
+
+
+def find_config(name, relative_to: Path | None = None) -> Path:
+    """The config file ``name``: a path (relative to ``relative_to``, else to the working folder), else one of
+    the configs installed with smat: ``pmf``, ``baselines/pmf``, ``baselines/pmf.yaml`` and
+    ``configs/baselines/pmf.yaml`` all name smat/configs/baselines/pmf.yaml."""
+    if not isinstance(name, (str, Path)) or not str(name).strip() or "\0" in str(name):
+        raise ConfigError(f"a config file must be a path or the name of a bundled config; got {short(name)}")
+    text = str(name)
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user of an unknown user
+        path = Path(text)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"config file {short_text(text)} is a folder; give a YAML file")
+    for candidate in _bundled_candidates(Path(text)):
+        if candidate.is_file():
+            return candidate
+    where = f"(relative to {relative_to})" if relative_to is not None else f"(in {Path.cwd()})"
+    raise ConfigError(f"config file {short_text(text)} does not exist {where}, nor is it one of smat's configs: "
+                      f"{', '.join(bundled_configs())}")
+
+
+def _bundled_candidates(name: Path) -> list[Path]:
+    if name.is_absolute() or ".." in name.parts:
+        return []
+    parts = name.parts[1:] if name.parts[:1] == ("configs",) else name.parts
+    if not parts:
+        return []
+    relative = Path(*parts)
+    candidates = [PACKAGE_CONFIGS / relative]
+    if relative.suffix not in (".yaml", ".yml"):
+        candidates.append(PACKAGE_CONFIGS / relative.with_name(relative.name + ".yaml"))
+        if len(parts) == 1:  # a bare name: wherever it is unique among the bundled configs
+            found = sorted(PACKAGE_CONFIGS.rglob(f"{relative.name}.yaml"))
+            if len(found) > 1:
+                raise ConfigError(f"config name {relative.name} is ambiguous among smat's configs: "
+                                  + ", ".join(str(p.relative_to(PACKAGE_CONFIGS)) for p in found))
+            candidates += found
+    return candidates
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping of config keys in YAML file ``path`` (UTF-8, at most MAX_CONFIG_BYTES, no duplicate keys)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {path.stat().st_size} bytes; a config is a few kB "
+                              f"(at most {MAX_CONFIG_BYTES})")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
+    values = load_yaml(text, str(path))
+    if values is None:
+        return {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
+        raise ConfigError(f"{path} must hold a mapping of config keys (key: value lines); got {short(values)}")
+    return values
+
+
+def _names(value, what: str, path: Path) -> list[str]:
+    """``base:`` or ``config_files:`` of ``path``: one name or a list of names."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ConfigError(f"{path}: {what}: must be a file name or a list of file names; got {short(value)}")
     return values
 
 
 def _apply_file(config: Config, path: Path, chain: tuple[Path, ...]) -> None:
     """Merge ``path`` (after its bases) into ``config``; ``chain``: the files whose ``base:`` led here."""
-    if path.resolve() in chain:
+    resolved = path.resolve()
+    if resolved in chain:
         raise ConfigError("config files name each other as base: "
-                          + " → ".join(str(p) for p in (*chain, path.resolve())))
-    values = _read_yaml(path)
-    bases = values.pop("base", None) or []
-    for base in [bases] if isinstance(bases, str) else bases:
-        _apply_file(config, path.parent / base, (*chain, path.resolve()))
-    applied = values.pop("config_files", None) or []  # a run's config.yaml read back as a config file
-    merge_values(config, values, "")
+                          + " → ".join(short_text(p) for p in (*chain, resolved)))
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"config file {path}: more than {MAX_BASE_DEPTH} files in its chain of base: files")
+    values = read_config_file(path)
+    for base in _names(values.pop("base", None), "base", path):
+        try:
+            found = find_config(base, relative_to=path.parent)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: base: {error}") from None
+        _apply_file(config, found, (*chain, resolved))
+    applied = _names(values.pop("config_files", None), "config_files", path)  # a run's config.yaml as a file
+    try:
+        merge_values(config, values, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     config.config_files = [*config.config_files, *applied, str(path)]
 
 
@@ -376,25 +596,43 @@ def to_yaml(config: Config) -> str:
 
 def _choice(problems, name, value, allowed):
     if value not in allowed:
-        problems.append(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        problems.append(f"{name} must be one of {', '.join(map(str, allowed))}; got {short(value)}")
 
 
 def _positive(problems, name, value, integer=False, zero=False):
     if not _is_number(value):  # None (an empty override) or a string: no comparison would be meaningful
         problems.append(f"{name} must be a {'non-negative' if zero else 'positive'} "
-                        f"{'integer' if integer else 'number'}; got {value!r}")
+                        f"{'integer' if integer else 'number'}; got {short(value)}")
         return
     bad = (value < 0 if zero else value <= 0) or (integer and int(value) != value) or not math.isfinite(value)
     if bad:
         kind = "integer" if integer else "number"
-        problems.append(f"{name} must be a {'non-negative' if zero else 'positive'} {kind}; got {value!r}")
+        problems.append(f"{name} must be a {'non-negative' if zero else 'positive'} {kind}; got {short(value)}")
 
 
-def validate(config: Config) -> Config:
-    """Raise one ConfigError listing every problem; return the config unchanged when it is sound."""
-    problems: list[str] = _wrong_types(config, Config())
-    if problems:  # every check below assumes the default's type
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+# sizes beyond which a run cannot fit in memory; the paper's and the defaults' values are far below them
+LIMITS = {"model.image_size": 4096, "model.hyper_tokens": 1024, "model.hyper_heads": 256,
+          "model.hyper_mlp_ratio": 64, "model.builtin.patch_size": 1024, "model.builtin.embed_dim": 16384,
+          "model.builtin.depth": 256, "model.builtin.num_heads": 1024, "model.builtin.stem_width": 4096,
+          "model.builtin.mlp_ratio": 64, "data.n_way": 10_000, "data.k_shot": 10_000, "data.q_query": 10_000,
+          "data.num_workers": 1024, "train.meta_batch": 4096, "train.inner_steps": 10_000,
+          "train.teacher_steps": 10_000, "pretrain.batch_size": 65_536}
+
+
+def validate(config: Config, paths: bool = True) -> Config:
+    """Raise one ConfigError listing every problem; return the config unchanged when it is sound.
+
+    ``paths=False`` leaves out whether the files and folders it names exist (data.root, model.weights,
+    data.splits, data.test_folders): a plan's ``--dry-run`` needs neither the data nor the weights."""
+    checked = copy.deepcopy(config)  # aliases stay shared: a copy as small as the config it copies
+    problems: list[str] = type_problems(checked, repair=True)  # the checks below may assume the types
+    config, original = checked, config
+    for name, limit in LIMITS.items():
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value > limit:
+            problems.append(f"{name} must be at most {limit}; got {short(value)}")
     model, train, data = config.model, config.train, config.data
     _choice(problems, "method", config.method, METHODS)
     _choice(problems, "train.noise", train.noise, NOISE_MODES)
@@ -406,14 +644,15 @@ def validate(config: Config) -> Config:
     if not 0.0 <= train.tau < 1.0:
         problems.append(f"train.tau (target sparsity) must be in [0, 1); got {train.tau}")
     if not (isinstance(model.num_experts, int) and 1 <= model.num_experts <= 32):
-        problems.append(f"model.num_experts (M) must be an integer from 1 to 32; got {model.num_experts!r}")
+        problems.append(f"model.num_experts (M) must be an integer from 1 to 32; got {short(model.num_experts)}")
     if not 0.0 <= train.ce_weight <= 1.0:
         problems.append(f"train.ce_weight must be in [0, 1]; got {train.ce_weight}")
     if not 0.0 <= train.kd_pretrained_share <= 1.0:
         problems.append(f"train.kd_pretrained_share must be in [0, 1]; got {train.kd_pretrained_share}")
     low, high = (model.log_alpha_range + [None, None])[:2]
     if len(model.log_alpha_range) != 2 or not low < high:
-        problems.append(f"model.log_alpha_range must be [low, high] with low < high; got {model.log_alpha_range}")
+        problems.append(f"model.log_alpha_range must be [low, high] with low < high; "
+                        f"got {short(model.log_alpha_range)}")
     for name in ("epochs", "tasks_per_epoch", "meta_batch", "log_every", "max_nonfinite"):
         _positive(problems, f"train.{name}", getattr(train, name), integer=True)
     for name in ("inner_steps", "teacher_steps", "val_episodes", "alignment_every"):
@@ -425,6 +664,8 @@ def validate(config: Config) -> Config:
     if not train.support_query_split and config.method in ("pmf", "pretrained"):
         problems.append(f"train.support_query_split=false (Table 2's ablation) applies to SMAT's objective; "
                         f"method={config.method} does not use it: drop the override or pick method=smat")
+    if not 0.0 <= train.delta_momentum < 1.0:
+        problems.append(f"train.delta_momentum (SGD's momentum of θ_δ) must be in [0, 1); got {train.delta_momentum}")
     if not 0.0 <= train.warmup_fraction < 1.0:
         problems.append(f"train.warmup_fraction must be in [0, 1); got {train.warmup_fraction}")
     for name in ("n_way", "k_shot", "q_query"):
@@ -435,14 +676,14 @@ def validate(config: Config) -> Config:
     _positive(problems, "evaluate.episodes", config.evaluate.episodes, integer=True)
     if data.source in ("folder", "h5") and not data.root:
         problems.append(f"data.source={data.source} needs data.root=PATH (the folder holding the domains)")
-    if data.root and not Path(data.root).expanduser().is_dir():
+    if paths and data.root and not _expand(data.root).is_dir():
         problems.append(f"data.root={data.root} is not a folder; point it at the dataset's root")
-    _check_folder_domains(problems, data)
-    if model.weights and not Path(model.weights).expanduser().is_file():
+    _check_folder_domains(problems, data, paths)
+    if paths and model.weights and not _expand(model.weights).is_file():
         problems.append(f"model.weights={model.weights} does not exist; give the path of a .safetensors or "
                         f".pth file, or leave it empty to use the built-in cache or timm's cache")
-    if model.backbone == "builtin":
-        arch = model.builtin
+    if model.backbone == "builtin" and model.builtin.patch_size > 0 and model.builtin.num_heads > 0:
+        arch = model.builtin  # (sizes ≤ 0 are named below)
         if model.image_size % arch.patch_size:
             problems.append(f"model.image_size ({model.image_size}) must be a multiple of "
                             f"model.builtin.patch_size ({arch.patch_size})")
@@ -457,39 +698,142 @@ def validate(config: Config) -> Config:
     _check_run_options(problems, config)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
-    return config
+    return original
+
+
+def _expand(path: str) -> Path:
+    """``path`` with ``~`` expanded where it can be (``~nobody/x`` stays as it is, and then does not exist)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _wrong_types(config, defaults, where: str = "") -> list[str]:
-    """Every value whose type differs from its default's (a number, a flag, a name, a list), e.g. the None of
-    an empty override ``train.epochs=``; fields whose default is None may hold anything (checked below)."""
+def type_problems(obj, where: str = "", repair: bool = False) -> list[str]:
+    """Every value of dataclass ``obj`` (recursively) whose type is not its field's: a flag, an integer in
+    [-MAX_INT, MAX_INT], a finite number, a string (non-empty where the default is), a list of them, or None
+    where the field allows it. ``repair``: set each such field to its default, so that checks of the other
+    values can run on ``obj`` and every problem is named at once."""
     problems = []
-    for spec in dataclasses.fields(defaults):
-        name, value, default = where + spec.name, getattr(config, spec.name), getattr(defaults, spec.name)
-        if dataclasses.is_dataclass(default):
-            problems += _wrong_types(value, default, name + ".")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                problems.append(f"{name} must be true or false; got {value!r}")
-        elif isinstance(default, int):
-            if not (_is_number(value) and float(value).is_integer()):
-                problems.append(f"{name} must be an integer; got {value!r}")
-        elif isinstance(default, float):
-            if not _is_number(value):
-                problems.append(f"{name} must be a number; got {value!r}")
-        elif isinstance(default, str):
-            if not isinstance(value, str) or (default and not value):
-                problems.append(f"{name} must be a non-empty string; got {value!r}")
-        elif isinstance(default, list) and not isinstance(value, list):
-            problems.append(f"{name} must be a list; got {value!r}")
+    hints = _hints(type(obj))
+    for spec in dataclasses.fields(obj):
+        name, value, hint = where + spec.name, getattr(obj, spec.name), hints[spec.name]
+        if dataclasses.is_dataclass(hint):
+            if isinstance(value, hint):
+                problems += type_problems(value, name + ".", repair)
+            else:
+                problems.append(f"{name} is a section; give its keys ({name}.<name>=...); got {short(value)}")
+                if repair:
+                    setattr(obj, spec.name, hint())
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        expected = _type_problem(value, hint, default)
+        if expected:
+            problems.append(f"{name} must be {expected}; got {short(value)}")
+            if repair:
+                setattr(obj, spec.name, default)
     return problems
 
 
+def _type_problem(value, hint, default) -> str | None:
+    """What ``value`` should be for type ``hint`` (None when it is that)."""
+    arguments = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in arguments if a is not type(None))
+        problem = _type_problem(value, hint, None)
+        return f"{problem} or null" if problem else None
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        if not (_is_number(value) and _finite(value) and float(value).is_integer()):
+            return "an integer"
+        return None if abs(value) <= MAX_INT else f"an integer of magnitude at most {MAX_INT}"
+    if hint is float:
+        return None if _is_number(value) and _finite(value) else "a finite number"
+    if hint is str:
+        if not isinstance(value, str) or (default and not value):
+            return "a non-empty string" if default else "a string"
+        if len(value) > MAX_TEXT or "\0" in value or not _encodable(value):
+            return f"a string of at most {MAX_TEXT} characters, without NUL or unencodable characters"
+        return None
+    if typing.get_origin(hint) is list:
+        element = arguments[0]
+        if not isinstance(value, list) or len(value) > 1000:
+            return f"a list of {_type_name(element)}"
+        return None if all(_type_problem(v, element, "x") is None for v in value) else \
+            f"a list of {_type_name(element)}"
+    return None
+
+
+def _type_name(hint) -> str:
+    return {str: "non-empty strings", float: "finite numbers", int: "integers", bool: "flags"}.get(hint, str(hint))
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a YAML "\\udc80"
+        return False
+    return True
+
+
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+
+# --------------------------------------------------------------------------
+# command-line flags: argparse types, so that a bad flag is a usage error (exit 2), never a traceback
+# --------------------------------------------------------------------------
+
+
+def positive_flag(text: str) -> float:
+    """A finite number > 0 (a learning rate, seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {short(text)}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number; got {short(text)}")
+    return value
+
+
+def count_flag(minimum: int):
+    """An integer from ``minimum`` to MAX_INT (episodes, steps)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {short(text)}") from None
+        if not minimum <= value <= MAX_INT:
+            raise argparse.ArgumentTypeError(f"must be an integer from {minimum} to {MAX_INT}; got {short(text)}")
+        return value
+    parse.__name__ = "integer"  # argparse's message: "invalid integer value"
+    return parse
+
+
+def device_flag(text: str) -> str:
+    """auto, cpu, cuda or cuda:N, where that device is there."""
+    if not (text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit())):
+        raise argparse.ArgumentTypeError(f"{short(text)} is not a device smat runs on; use {DEVICE_NAMES}")
+    if text.startswith("cuda"):
+        index = int(text[5:] or 0)
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible here; use cpu or auto")
+        if index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
 
 
 def _check_run_options(problems: list[str], config: Config) -> None:
@@ -500,9 +844,9 @@ def _check_run_options(problems: list[str], config: Config) -> None:
     device = config.device
     if not (device in ("auto", "cpu", "cuda")
             or (device.startswith("cuda:") and device.removeprefix("cuda:").isdigit())):
-        problems.append(f"device={device!r}: smat runs on {DEVICE_NAMES}")
+        problems.append(f"device={short(device)}: smat runs on {DEVICE_NAMES}")
     if model.backend is not None and model.backend not in BACKEND_CLASSES:
-        problems.append(f"model.backend={model.backend!r} is not a smat_kernels backend; use one of "
+        problems.append(f"model.backend={short(model.backend)} is not a smat_kernels backend; use one of "
                         f"{', '.join(BACKEND_CLASSES)}, or leave it empty for the automatic choice")
     for name, value in (("seed", config.seed), ("evaluate.seed", config.evaluate.seed),
                         ("data.num_workers", data.num_workers)):
@@ -512,6 +856,9 @@ def _check_run_options(problems: list[str], config: Config) -> None:
         _positive(problems, f"pretrain.{name}", getattr(config.pretrain, name), integer=True)
     _positive(problems, "pretrain.lr", config.pretrain.lr)
     _positive(problems, "pretrain.weight_decay", config.pretrain.weight_decay, zero=True)
+    if not 0.0 <= config.pretrain.warmup_fraction < 1.0:
+        problems.append(f"pretrain.warmup_fraction must be in [0, 1); got {config.pretrain.warmup_fraction}")
+    _positive(problems, "pretrain.held_out_per_class", config.pretrain.held_out_per_class, integer=True, zero=True)
     if not 0.0 <= config.pretrain.label_smoothing < 1.0:
         problems.append(f"pretrain.label_smoothing must be in [0, 1); got {config.pretrain.label_smoothing}")
     temperature = config.train.temperature
@@ -527,22 +874,23 @@ def _check_run_options(problems: list[str], config: Config) -> None:
     _positive(problems, "model.log_alpha_init_std", model.log_alpha_init_std, zero=True)
     if not math.isfinite(model.log_alpha_init_mean):
         problems.append(f"model.log_alpha_init_mean must be finite; got {model.log_alpha_init_mean}")
-    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+    for name in ("patch_size", "embed_dim", "depth", "num_heads", "stem_width"):
         _positive(problems, f"model.builtin.{name}", getattr(arch, name), integer=True)
     _positive(problems, "model.builtin.mlp_ratio", arch.mlp_ratio)
+    _choice(problems, "model.builtin.stem", arch.stem, STEMS)
     if not model.expert_patterns or not all(isinstance(p, str) and p for p in model.expert_patterns):
         problems.append(f"model.expert_patterns must be a non-empty list of parameter name patterns (e.g. "
-                        f"['*'] or ['blocks.*.mlp.*']); got {model.expert_patterns!r}")
+                        f"['*'] or ['blocks.*.mlp.*']); got {short(model.expert_patterns)}")
     scale = data.train_crop_scale
     if not (len(scale) == 2 and all(_is_number(v) for v in scale) and 0.0 < scale[0] <= scale[1] <= 1.0):
-        problems.append(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1; got {scale!r}")
+        problems.append(f"data.train_crop_scale must be [low, high] with 0 < low <= high <= 1; got {short(scale)}")
     _positive(problems, "data.train_jitter", data.train_jitter, zero=True)
     for name in ("train_domains", "test_domains"):
         domains = getattr(data, name)
         if domains is not None and not (isinstance(domains, list) and domains
                                         and all(isinstance(d, str) and d for d in domains)):
             problems.append(f"data.{name} must be a non-empty list of domain names, or empty for the "
-                            f"source's default; got {domains!r}")
+                            f"source's default; got {short(domains)}")
 
 
 def _check_recipe_options(problems: list[str], config: Config) -> None:
@@ -562,20 +910,20 @@ def _check_recipe_options(problems: list[str], config: Config) -> None:
             train.first_epoch_lr = float(train.first_epoch_lr)
             _positive(problems, "train.first_epoch_lr", train.first_epoch_lr, zero=True)
         except (TypeError, ValueError):
-            problems.append(f"train.first_epoch_lr must be a number or null; got {train.first_epoch_lr!r}")
+            problems.append(f"train.first_epoch_lr must be a number or null; got {short(train.first_epoch_lr)}")
 
 
-def _check_folder_domains(problems: list[str], data: DataConfig) -> None:
+def _check_folder_domains(problems: list[str], data: DataConfig, paths: bool) -> None:
     """data.splits, data.test_only and data.test_folders: files and folders that exist, lists of names."""
     if data.splits is not None:
         if data.source != "folder":
             problems.append(f"data.splits applies to data.source=folder (a splits JSON of image folder domains); "
                             f"got data.source={data.source}")
-        elif not Path(data.splits).expanduser().is_file():
+        elif paths and not _expand(data.splits).is_file():
             problems.append(f"data.splits={data.splits} is not a file; give a JSON file "
                             '{"<domain>": {"train": [classes], "val": [...], "test": [...]}}')
     if not all(isinstance(name, str) for name in data.test_only):
-        problems.append(f"data.test_only must be a list of domain names; got {data.test_only!r}")
+        problems.append(f"data.test_only must be a list of domain names; got {short(data.test_only)}")
     elif data.test_only and data.source != "folder":
         problems.append(f"data.test_only marks image folder domains as OOD; it needs data.source=folder "
                         f"(got {data.source}); for extra folders next to another source use data.test_folders")
@@ -584,8 +932,8 @@ def _check_folder_domains(problems: list[str], data: DataConfig) -> None:
         problems.append(f"data.test_only domains {trained} are also in data.train_domains; a test-only domain is "
                         f"never trained on: remove it from one of the two")
     for folder in data.test_folders:
-        if not isinstance(folder, str) or not Path(folder).expanduser().is_dir():
-            problems.append(f"data.test_folders: {folder!r} is not a folder; give <dir>/<domain>/<class>/<image> "
+        if paths and not _expand(folder).is_dir():
+            problems.append(f"data.test_folders: {short(folder)} is not a folder; give <dir>/<domain>/<class>/<image> "
                             f"or <dir>/<class>/<image>")
 
 
@@ -596,4 +944,4 @@ def _unknown_timm_model(name: str) -> str | None:
     known = timm.list_models()
     close = difflib.get_close_matches(base, known, n=3)
     hint = f"; close names: {', '.join(close)}" if close else "; see timm.list_models('vit_*')"
-    return f"model.backbone={name!r} is not a model timm knows{hint}"
+    return f"model.backbone={short(name)} is not a model timm knows{hint}"

@@ -2,14 +2,16 @@
 
     python -m smat.reproduce table1 --data-root /data/metadataset_h5 [--backbone-weights dino_deitsmall16.pth]
     python -m smat.reproduce table2 --data-root … [--backbone vit_base] [--preset authors_code]
-    python -m smat.reproduce fig3 --data-root … --dry-run [--step-seconds 1.9 | --measure-steps 3]
+    python -m smat.reproduce fig3 --dry-run [--step-seconds 1.9 | --data-root … --measure-steps 3]
 
-Each row is a run: the backbone's config (``configs/vit_small_dino_metadataset.yaml``, or ViT-B) plus the
-row's overlay (``configs/baselines/``, ``configs/ablations/``) and, with ``--preset authors_code``, the
-authors' recipe (``configs/presets/``). Rows without a finished run are trained (resumed where interrupted);
+Each row is a run: the backbone's config (``vit_small_dino_metadataset.yaml``, or ViT-B) plus the
+row's overlay (``baselines/``, ``ablations/``) and, with ``--preset authors_code``, the
+authors' recipe (``presets/``), all from the configs installed with smat (``--configs`` for
+others). Rows without a finished run are trained (resumed where interrupted);
 every run is evaluated on the same test tasks (``--episodes``, 600 as the paper); the table is written next
 to the paper's numbers in ``<output>/<table>.md``. ``--dry-run`` prints the runs, their commands and the
-GPU-hours they need, from ``--step-seconds`` or from steps measured here (``--measure-steps``).
+GPU-hours they need, from ``--step-seconds`` or from steps measured here (``--measure-steps``, which needs
+the data); it needs neither the data nor the weights otherwise.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .config import PACKAGE_CONFIGS, ConfigError, count_flag, device_flag, positive_flag
 from .evaluation.metrics import confidence_interval
 from .evaluation.tables import ModeResult, results_markdown
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan
 from .experiments.figures import plot_tradeoff
+from .experiments.plan import dry_run
 from .experiments.runner import RunResult, run_command
 from .runtime.device import resolve_device
 from .runtime.distributed import World
@@ -44,15 +47,17 @@ PAPER = {
 }
 FIG3_TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 FIG3_EXPERTS = (4, 8, 16)
+ASSUMED_STEP_SECONDS = 1.0  # --dry-run without --step-seconds or a measurement: hours per second of step time
+DATA_ROOT_PLACEHOLDER = "<data-root>"  # --dry-run without --data-root
 
 
 def configs_folder(given: str | None) -> Path:
-    """``--configs``, else ./configs, else the configs/ of the checkout this package runs from."""
-    for folder in ([Path(given)] if given else [Path("configs"), Path(__file__).resolve().parents[1] / "configs"]):
-        if (folder / BACKBONES["vit_small"]).is_file():
-            return folder
-    raise ConfigError(f"no configs folder with {BACKBONES['vit_small']} at {given or './configs'}; run from a "
-                      f"checkout of smat or pass --configs PATH/TO/configs")
+    """``--configs``, else the configs installed with smat (works from any folder)."""
+    folder = Path(given).expanduser() if given else PACKAGE_CONFIGS
+    if not (folder / BACKBONES["vit_small"]).is_file():
+        raise ConfigError(f"--configs {given}: no {BACKBONES['vit_small']} there; give a folder laid out as smat's "
+                          f"own configs ({PACKAGE_CONFIGS}), or leave --configs out to use those")
+    return folder
 
 
 def plan_for(table: str, configs: Path, backbone: str, preset: str | None, episodes: int) -> ExperimentPlan:
@@ -103,23 +108,6 @@ def measure_step_seconds(plan: ExperimentPlan, steps: int, log=print) -> float:
     return seconds
 
 
-def dry_run(plan: ExperimentPlan, step_seconds: float, log=print) -> float:
-    """Print every run with its command and training time; returns the total in hours."""
-    total = 0.0
-    for spec in plan.runs:
-        config = plan.config(spec)
-        steps = 0 if spec.method == "pretrained" else (
-            config.train.epochs * max(1, config.train.tasks_per_epoch // config.train.meta_batch))
-        hours = steps * step_seconds / 3600
-        total += hours
-        modes = ", ".join(spec.modes)
-        log(f"- {spec.name}: {steps} steps, {hours:.1f} h; evaluated with {modes}\n"
-            f"    python -m smat.train {' '.join(plan.arguments(spec))} output=<output>/{spec.name}")
-    log(f"{len(plan.runs)} runs, about {total:.1f} GPU-hours of meta-training at {step_seconds:.2f} s per step "
-        f"(validation and testing not included)")
-    return total
-
-
 def paper_table(table: str, results: list[RunResult]) -> str:
     """The role averages of every row (mean ± 95% CI over the domains' means) beside the paper's."""
     lines = ["| row | ID | OOD | paper ID | paper OOD |", "|---|---|---|---|---|"]
@@ -140,14 +128,21 @@ def paper_table(table: str, results: list[RunResult]) -> str:
 def reproduce(args, log=print) -> int:
     configs = configs_folder(args.configs)
     plan = plan_for(args.table, configs, args.backbone, args.preset, args.episodes)
-    plan.shared_overrides += [f"data.root={args.data_root}"]
+    plan.shared_overrides += [f"data.root={args.data_root or DATA_ROOT_PLACEHOLDER}"]
     if args.backbone_weights:
         plan.shared_overrides.append(f"model.weights={args.backbone_weights}")
     plan.shared_overrides += args.overrides
-    plan.check()  # every row's config, before anything runs
+    measure = args.dry_run and not args.step_seconds and args.measure_steps
+    plan.check(paths=not args.dry_run or bool(measure))  # every row's config, before anything runs
     if args.dry_run:
-        seconds = args.step_seconds or measure_step_seconds(plan, args.measure_steps, log)
-        dry_run(plan, seconds, log)
+        if args.step_seconds:
+            seconds, how = args.step_seconds, "--step-seconds"
+        elif measure:
+            seconds, how = measure_step_seconds(plan, args.measure_steps, log), "measured here"
+        else:
+            seconds, how = ASSUMED_STEP_SECONDS, ("assumed, not measured: give --step-seconds S, or --data-root "
+                                                  "with --measure-steps N")
+        dry_run(plan, seconds, how, log=log)
         return 0
     root = ensure_writable_dir(Path(args.output) / args.table)
     train_plan(plan, root, log)
@@ -168,21 +163,28 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m smat.reproduce", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", choices=("table1", "table2", "fig3"))
-    parser.add_argument("--data-root", required=True, help="Meta-Dataset in PMF's .h5 layout")
+    parser.add_argument("--data-root", help="Meta-Dataset in PMF's .h5 layout (not needed by --dry-run)")
     parser.add_argument("--backbone-weights", help="DINO weights file (default: timm's cache)")
     parser.add_argument("--backbone", choices=tuple(BACKBONES), default="vit_small")
     parser.add_argument("--preset", choices=("authors_code",), help="the authors' code's recipe instead of the paper's")
-    parser.add_argument("--configs", help="the configs/ folder (default: ./configs, else the checkout's)")
+    parser.add_argument("--configs", help="a configs folder laid out as smat's own (default: the configs "
+                        "installed with smat)")
     parser.add_argument("--output", default="runs/reproduce", help="runs go to OUTPUT/<table>/<row>")
-    parser.add_argument("--episodes", type=int, default=600, help="test tasks per domain (the paper: 600)")
-    parser.add_argument("--device", help="where evaluation runs (default: each run config's device)")
-    parser.add_argument("--dry-run", action="store_true", help="print the runs and their GPU-hours; train nothing")
-    parser.add_argument("--step-seconds", type=float, help="seconds per meta-training step for --dry-run")
-    parser.add_argument("--measure-steps", type=int, default=3, help="steps measured for --dry-run (default 3)")
+    parser.add_argument("--episodes", type=count_flag(2), default=600, help="test tasks per domain (the paper: "
+                        "600)")
+    parser.add_argument("--device", type=device_flag, help="where evaluation runs (default: each run config's "
+                        "device)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs, their commands and GPU-hours; "
+                        "train nothing; needs neither data nor weights")
+    parser.add_argument("--step-seconds", type=positive_flag, help="seconds per meta-training step for "
+                        "--dry-run")
+    parser.add_argument("--measure-steps", type=count_flag(1), help="measure this many steps here for --dry-run "
+                        "(needs --data-root)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_intermixed_args(argv)
-    if args.episodes < 2:
-        parser.error(f"--episodes must be at least 2; got {args.episodes}")
+    if not args.data_root and not (args.dry_run and not args.measure_steps):
+        parser.error("--data-root is required (Meta-Dataset in PMF's .h5 layout), except by --dry-run without "
+                     "--measure-steps")
     return args
 
 

@@ -4,14 +4,13 @@ ConfigError for each impossible setting, raised before a run starts any work."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
 
-from smat.config import BuiltinArch, ConfigError, ModelConfig, load_config, to_yaml, validate
+from smat.config import PACKAGE_CONFIGS, BuiltinArch, ConfigError, ModelConfig, load_config, to_yaml, validate
 from smat.model.backbone import create_backbone, create_builtin, load_weights
 from smat.train import main, parse_args
 
@@ -132,7 +131,7 @@ def test_the_command_reports_weights_that_do_not_fit(tmp_path, capsys, foreign_w
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
 
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted(PACKAGE_CONFIGS.rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -145,7 +144,7 @@ def test_every_shipped_config_is_valid(path, tmp_path):
 
 # ---------------------------------------------------------------- composition: base configs and overlays
 
-CONFIG_ROOT = Path(__file__).parents[1] / "configs"
+CONFIG_ROOT = PACKAGE_CONFIGS
 BASES = [CONFIG_ROOT / "builtin.yaml", CONFIG_ROOT / "vit_small_dino_metadataset.yaml",
          CONFIG_ROOT / "vit_base_dino_metadataset.yaml"]
 OVERLAYS = sorted([*(CONFIG_ROOT / "ablations").glob("*.yaml"), *(CONFIG_ROOT / "baselines").glob("*.yaml"),

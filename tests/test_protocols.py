@@ -5,7 +5,6 @@ cosine head. A tiny untrained SMAT model over the built-in ViT, 3-way 2-shot tas
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,7 +21,7 @@ from smat.adapt.finetune import (
     task_backbone,
 )
 from smat.adapt.lora import SlicedLoRA, add_lora, lora_finetune, lora_parameters
-from smat.config import ConfigError, load_config, validate
+from smat.config import PACKAGE_CONFIGS, ConfigError, load_config, validate
 from smat.data.transforms import diff_augment
 from smat.evaluation import modes, runs
 from smat.model import protonet
@@ -30,7 +29,7 @@ from smat.model.backbone import create_builtin
 from smat.model.protonet import support_cross_entropy
 from smat.training.specs import SPECS, make_optimizers
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = PACKAGE_CONFIGS
 TEMPERATURE = 1.0
 QV = ["attn.q", "attn.v"]
 

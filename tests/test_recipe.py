@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from smat import model as methods
-from smat.config import load_config, validate
+from smat.config import PACKAGE_CONFIGS, load_config, validate
 from smat.model.backbone import create_builtin
 from smat.model.hypernet import Hypernetwork
 from smat.runtime.distributed import World
@@ -19,7 +19,7 @@ from smat.training import Trainer
 from smat.training.objective import distillation
 from smat.training.trainer import cosine_over_epochs
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = PACKAGE_CONFIGS
 TINY = ["data.n_way=3", "data.k_shot=2", "data.q_query=2", "train.val_episodes=1", "train.tasks_per_epoch=4",
         "train.meta_batch=2", "train.epochs=3", "train.alignment_every=0", "device=cpu", "train.tau=0.95"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 from test_data_sources import write_h5_source
 
+from smat.config import PACKAGE_CONFIGS
 from smat.reproduce import FIG3_EXPERTS, FIG3_TAUS, PAPER, plan_for
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = PACKAGE_CONFIGS
 TINY = ["model.backbone=vit_tiny_patch16_224", "model.image_size=32", "model.num_experts=2",
         "data.train_domains=[ilsvrc_2012,omniglot]", "data.test_domains=[omniglot,traffic_sign]",
         "data.protocol=fixed", "data.n_way=2", "data.k_shot=1", "data.q_query=1", "data.num_workers=0",

@@ -42,11 +42,32 @@ class ExperimentPlan:
         """The command line of ``python -m smat.train`` for a fresh run (without ``output=``)."""
         return [*(argument for path in run.configs for argument in ("--config", path)), *self.overrides(run)]
 
-    def config(self, run: RunSpec) -> Config:
-        """The validated config ``python -m smat.train`` will run for ``run`` (a ConfigError says what is wrong)."""
-        return validate(load_config(list(run.configs), self.overrides(run)))
+    def config(self, run: RunSpec, paths: bool = True) -> Config:
+        """The validated config ``python -m smat.train`` will run for ``run`` (a ConfigError says what is wrong);
+        ``paths=False``: without checking that its data and weights exist (a dry run)."""
+        return validate(load_config(list(run.configs), self.overrides(run)), paths)
 
-    def check(self) -> None:
+    def check(self, paths: bool = True) -> None:
         """Validate every run's config before anything is trained."""
         for run in self.runs:
-            self.config(run)
+            self.config(run, paths)
+
+    def steps(self, run: RunSpec) -> int:
+        """Meta-training steps of ``run`` (0 for the pre-trained backbone, which is not trained)."""
+        train = self.config(run, paths=False).train
+        return 0 if run.method == "pretrained" else train.epochs * max(1, train.tasks_per_epoch // train.meta_batch)
+
+
+def dry_run(plan: ExperimentPlan, step_seconds: float, how: str, unit: str = "GPU-hours", log=print) -> float:
+    """Print every run with its command and training time, at ``step_seconds`` per step (``how``: where that
+    number comes from); returns the total in hours. Needs neither the data nor the weights."""
+    total = 0.0
+    for spec in plan.runs:
+        steps = plan.steps(spec)
+        hours = steps * step_seconds / 3600
+        total += hours
+        log(f"- {spec.name}: {steps} steps, {hours:.2f} {unit}; evaluated with {', '.join(spec.modes)}\n"
+            f"    python -m smat.train {' '.join(plan.arguments(spec))} output=<output>/{spec.name}")
+    log(f"{len(plan.runs)} runs, about {total:.1f} {unit} of meta-training at {step_seconds:.2f} s per step ({how}; "
+        f"validation and testing not included)")
+    return total

@@ -13,9 +13,11 @@ from torch import nn
 
 from ..config import METHODS, Config, ConfigError
 from ..runtime.checkpoint import CheckpointError
+from .backbone import create_skeleton
 from .base import TaskModel
 from .baselines import PMF, IndependentExperts, Pretrained, SoftMerge
 from .experts import RoutedModel, SparseInterpolatedExperts
+from .flat import select_parameters
 
 MODELS: dict[str, type[TaskModel]] = {"smat": SparseInterpolatedExperts, "pretrained": Pretrained, "pmf": PMF,
                                       "softmerge": SoftMerge, "smat_independent": IndependentExperts}
@@ -25,7 +27,14 @@ assert tuple(MODELS) == METHODS, "config.METHODS and model.MODELS list the same 
 MASKED_METHODS = tuple(name for name, model in MODELS.items() if model.masked)
 
 __all__ = ["MASKED_METHODS", "MODELS", "PMF", "IndependentExperts", "Pretrained", "RoutedModel", "SoftMerge",
-           "SparseInterpolatedExperts", "TaskModel", "build", "check_compatible"]
+           "SparseInterpolatedExperts", "TaskModel", "build", "check_buildable", "check_compatible"]
+
+
+def check_buildable(config: Config) -> None:
+    """Whether ``config``'s model can be built: the backbone's sizes and parameters that match
+    ``model.expert_patterns``, on the meta device (no memory, weights or download). A ConfigError otherwise,
+    so that a command can refuse the config before it creates anything."""
+    select_parameters(create_skeleton(config.model), config.model.expert_patterns)
 
 
 def build(config: Config, backbone: nn.Module) -> TaskModel:

@@ -20,7 +20,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from ..config import BuiltinArch, ConfigError, ModelConfig
+from ..config import BuiltinArch, ConfigError, ModelConfig, short, short_text
 
 BUILTIN = "builtin"
 
@@ -82,6 +82,20 @@ def create_backbone(config: ModelConfig, weights: str | Path | None = None, pret
     return model.eval()
 
 
+def create_skeleton(config: ModelConfig) -> nn.Module:
+    """The backbone's modules on the meta device: its parameter names and shapes, without memory, weights or
+    a download; a ConfigError where timm refuses the config's sizes."""
+    try:
+        with torch.device("meta"):
+            if config.backbone == BUILTIN:
+                return create_builtin(config.builtin, config.image_size)
+            return timm.create_model(config.backbone, pretrained=False, num_classes=0, img_size=config.image_size)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as error:
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"model.backbone={short(config.backbone)} cannot be built with model.image_size="
+                          f"{config.image_size} and the other model.* values: {short_text(first)}") from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a PyTorch checkpoint (loaded without executing code)."""
     path = Path(path).expanduser()
@@ -120,8 +134,8 @@ def load_weights(model: nn.Module, path: str | Path, name: str) -> None:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
                 details.append(f"{label}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''} ({len(keys)})")
-        raise ConfigError(f"weights file {path} does not fit backbone {name!r} — " + "; ".join(details)
-                          + ". Check model.backbone and model.image_size against the file.")
+        raise ConfigError(f"weights file {path} does not fit backbone {name!r}:\n  " + "\n  ".join(details)
+                          + "\nCheck model.backbone and model.image_size against the file.")
     model.load_state_dict(state)
 
 

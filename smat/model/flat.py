@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import ConfigError, short
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -34,7 +36,7 @@ def select_parameters(module: nn.Module, patterns) -> list[str]:
     names = [name for name, _ in module.named_parameters()]
     chosen = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not chosen:
-        raise ValueError(f"no backbone parameter matches model.expert_patterns={list(patterns)}; "
+        raise ConfigError(f"no backbone parameter matches model.expert_patterns={short(list(patterns))}; "
                          f"parameter names look like {', '.join(names[:4])} …")
     return chosen
 
