@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config, merge_values, parse_override, validate
-from .data import DataError
+from .data import DataError, episodes
 from .evaluation.report import evaluate_and_report
 from .evaluation.runs import read_run_config
+from .model import check_buildable
 from .runtime import checkpoint, distributed
 from .runtime.device import resolve_device
 from .runtime.io import OutputError, describe_os_error, ensure_writable_dir, save_config
@@ -73,7 +74,8 @@ def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
     checkpoint is restored, the lock)."""
     requested = load_config(args.config, args.overrides)
     if not args.resume:
-        validate(requested)
+        check_buildable(validate(requested))
+        check_data(requested)
     elif not (isinstance(requested.output, str) and requested.output):
         raise ConfigError(f"--resume needs output=RUN, the folder of the run to continue; got {requested.output!r}")
     run = Path(requested.output).expanduser()
@@ -95,6 +97,15 @@ def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
         lock.release()
         raise
     return config, run, device, args.resume and checkpoint.has_checkpoints(run), lock
+
+
+def check_data(config: Config) -> None:
+    """The episodes of training, validation and testing can be drawn from the data (domains, classes, and the
+    image folders of data.test_folders): found before training, not after it."""
+    source = episodes.open_source(config)
+    episodes.train_dataset(config, source)
+    episodes.val_datasets(config, source)
+    episodes.test_datasets(config, source)
 
 
 def check_folder(run: Path, resume: bool) -> None:
