@@ -364,5 +364,7 @@ def test_the_default_command_end_to_end(tmp_path, pretrained_backbone, processes
     assert sorted(p.name for p in (run / "plots").glob("*.png")), "no plots"
     report = json.loads((run / "report.json").read_text())
     assert set(report["summary"]["averages"]) == {"id", "near_ood", "far_ood", "ood"}
+    assert report["groups"]["digits"] == "far_ood" and report["groups"]["braille"] == "near_ood"
+    assert "| digits | far-OOD |" in (run / "report.md").read_text()
     kinds = {record["kind"] for record in replayable_records(run)}
     assert {"train", "val"} <= kinds

@@ -144,6 +144,7 @@ def evaluate_and_report(config: Config, run: Path, model, device, log=print) -> 
               "episodes_per_domain": config.evaluate.episodes,
               "train_tasks_per_second": train_records[-1]["tasks_per_second"] if train_records else None,
               "evaluation_seconds": round(time.perf_counter() - start, 1),
+              "groups": {name: r.get("group") or r["role"] for name, r in results.items()},
               "per_task": {name: {m: r[m] for m in methods} for name, r in results.items()}}
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", _markdown(config, state, summary, results, sparsity, figures, run))
