@@ -527,3 +527,15 @@ def test_unusable_test_folders_are_found_before_training(tmp_path, monkeypatch, 
         code, err = train_main([f"data.test_folders=[{folder}]", "output=run"], capsys)
         assert code == 2 and err.startswith("error:"), err
         assert not Path("run").exists()
+
+
+def test_every_adaptation_option_with_a_wrong_value_is_one_config_error():
+    """The adapt.* options of smat.evaluate and smat.predict: wrong types, NaN, inf, huge integers."""
+    from smat.adapt import AdaptConfig
+    from smat.predict import adapt_options
+
+    for name, hint, default in leaf_fields(AdaptConfig):
+        for value in wrong_values(hint, default):
+            with pytest.raises(config_module.ConfigError) as error:
+                adapt_options([f"adapt.{name}={value}"])
+            assert all(len(line) <= LINE_LIMIT for line in str(error.value).splitlines()), (name, value)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..config import ConfigError, type_problems
 
 MODES = ("protonet", "select", "full", "lora")
 GRADIENT_MODES = ("full", "lora")  # the modes whose learning rate is chosen from a grid
@@ -67,7 +67,7 @@ class AdaptConfig:
 
 def validate_adapt(options: AdaptConfig) -> AdaptConfig:
     """Raise one ConfigError naming every impossible option; return ``options`` when they are sound."""
-    problems = []
+    problems = type_problems(options, "adapt.", repair=True)  # types first: the checks below compare numbers
     try:  # YAML reads 1e-3 (no dot) as a string
         options.lr = None if options.lr is None else float(options.lr)
         options.lr_grid = [float(rate) for rate in options.lr_grid]
