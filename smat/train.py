@@ -58,9 +58,10 @@ def _terminate(signum, frame):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m smat.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", help="YAML config (see configs/); repeat it to compose: a "
-                        "later file overrides an earlier one (e.g. a ViT config, then an overlay from "
-                        "configs/ablations/); default: the built-in default run")
+    parser.add_argument("--config", action="append", help="YAML config: a file, else one of smat's own by name "
+                        "(pmf, baselines/pmf.yaml, vit_small_dino_metadataset: smat/configs/); repeat it to "
+                        "compose: a later file overrides an earlier one (e.g. a ViT config, then an overlay from "
+                        "ablations/); default: the built-in default run")
     parser.add_argument("--resume", action="store_true", help="continue the run in `output` from its latest "
                         "checkpoint")
     parser.add_argument("--skip-eval", action="store_true", help="meta-train only; no test evaluation or report")
