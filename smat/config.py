@@ -364,7 +364,7 @@ MAX_YAML_VALUES = 10_000  # values after YAML's aliases are expanded (a "billion
 MAX_BASE_DEPTH = 32  # files named by base: in a chain
 MAX_TEXT = 4096  # characters of a config string (a path at most PATH_MAX)
 MAX_INT = 2**31 - 1  # every integer of a config; seeds are in [0, MAX_INT]
-LINE_LIMIT = 400  # characters of one line of an error message
+LINE_LIMIT = 490  # characters of one line of an error message (with "error: ", at most 500)
 MAX_LINES = 60  # lines of one error message
 
 _SHORT = reprlib.Repr()
@@ -391,7 +391,7 @@ def short_text(text) -> str:
 def bounded(message: str) -> str:
     """``message`` with every line at most LINE_LIMIT characters and at most MAX_LINES lines."""
     lines = message.splitlines() or [""]
-    cut = [line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 21] + " … " + line[-18:] for line in lines]
+    cut = [line if len(line) <= LINE_LIMIT else line[:LINE_LIMIT - 63] + " … " + line[-60:] for line in lines]
     if len(cut) > MAX_LINES:
         cut = cut[:MAX_LINES - 1] + [f"… and {len(cut) - MAX_LINES + 1} more lines"]
     return "\n".join(cut)
