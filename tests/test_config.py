@@ -136,7 +136,7 @@ CONFIGS = sorted(PACKAGE_CONFIGS.rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_is_valid(path, tmp_path):
-    """Each file under configs/ loads and validates; the paper configs get the data root they ask for."""
+    """Each file under smat/configs/ loads and validates; the paper configs get the data root they ask for."""
     config = load_config(path, [])
     overrides = [f"data.root={tmp_path}"] if config.data.source in ("h5", "folder") else []
     validate(load_config(path, overrides))
