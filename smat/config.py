@@ -471,16 +471,25 @@ def find_config(name, relative_to: Path | None = None) -> Path:
         path = Path(text)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
-    if path.is_file():
+    kind = _kind(path)
+    if kind == "file":
         return path
-    if path.is_dir():
+    if kind == "folder":
         raise ConfigError(f"config file {short_text(text)} is a folder; give a YAML file")
     for candidate in _bundled_candidates(Path(text)):
-        if candidate.is_file():
+        if _kind(candidate) == "file":
             return candidate
     where = f"(relative to {relative_to})" if relative_to is not None else f"(in {Path.cwd()})"
     raise ConfigError(f"config file {short_text(text)} does not exist {where}, nor is it one of smat's configs: "
                       f"{', '.join(bundled_configs())}")
+
+
+def _kind(path: Path) -> str | None:
+    """'file', 'folder' or None (nothing there, or a name the system refuses: too long, a loop of links)."""
+    try:
+        return "file" if path.is_file() else "folder" if path.is_dir() else None
+    except OSError:
+        return None
 
 
 def _bundled_candidates(name: Path) -> list[Path]:
@@ -494,7 +503,7 @@ def _bundled_candidates(name: Path) -> list[Path]:
     if relative.suffix not in (".yaml", ".yml"):
         candidates.append(PACKAGE_CONFIGS / relative.with_name(relative.name + ".yaml"))
         if len(parts) == 1:  # a bare name: wherever it is unique among the bundled configs
-            found = sorted(PACKAGE_CONFIGS.rglob(f"{relative.name}.yaml"))
+            found = sorted(p for p in PACKAGE_CONFIGS.rglob("*.yaml") if p.stem == relative.name)  # no pattern
             if len(found) > 1:
                 raise ConfigError(f"config name {relative.name} is ambiguous among smat's configs: "
                                   + ", ".join(str(p.relative_to(PACKAGE_CONFIGS)) for p in found))
@@ -676,10 +685,10 @@ def validate(config: Config, paths: bool = True) -> Config:
     _positive(problems, "evaluate.episodes", config.evaluate.episodes, integer=True)
     if data.source in ("folder", "h5") and not data.root:
         problems.append(f"data.source={data.source} needs data.root=PATH (the folder holding the domains)")
-    if paths and data.root and not _expand(data.root).is_dir():
+    if paths and data.root and _kind(_expand(data.root)) != "folder":
         problems.append(f"data.root={data.root} is not a folder; point it at the dataset's root")
     _check_folder_domains(problems, data, paths)
-    if paths and model.weights and not _expand(model.weights).is_file():
+    if paths and model.weights and _kind(_expand(model.weights)) != "file":
         problems.append(f"model.weights={model.weights} does not exist; give the path of a .safetensors or "
                         f".pth file, or leave it empty to use the built-in cache or timm's cache")
     if model.backbone == "builtin" and model.builtin.patch_size > 0 and model.builtin.num_heads > 0:
@@ -696,6 +705,11 @@ def validate(config: Config, paths: bool = True) -> Config:
             problems.append(problem)
     _check_recipe_options(problems, config)
     _check_run_options(problems, config)
+    for name, path in (("output", config.output), ("data.root", data.root), ("model.weights", model.weights),
+                       ("data.splits", data.splits), *(("data.test_folders", f) for f in data.test_folders)):
+        if path and any(len(part.encode()) > 255 for part in Path(path).parts):
+            problems.append(f"{name}={short(path)}: a file or folder name longer than 255 bytes, which no file "
+                            f"system takes")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     return original
@@ -919,7 +933,7 @@ def _check_folder_domains(problems: list[str], data: DataConfig, paths: bool) ->
         if data.source != "folder":
             problems.append(f"data.splits applies to data.source=folder (a splits JSON of image folder domains); "
                             f"got data.source={data.source}")
-        elif paths and not _expand(data.splits).is_file():
+        elif paths and _kind(_expand(data.splits)) != "file":
             problems.append(f"data.splits={data.splits} is not a file; give a JSON file "
                             '{"<domain>": {"train": [classes], "val": [...], "test": [...]}}')
     if not all(isinstance(name, str) for name in data.test_only):
@@ -932,7 +946,7 @@ def _check_folder_domains(problems: list[str], data: DataConfig, paths: bool) ->
         problems.append(f"data.test_only domains {trained} are also in data.train_domains; a test-only domain is "
                         f"never trained on: remove it from one of the two")
     for folder in data.test_folders:
-        if paths and not _expand(folder).is_dir():
+        if paths and _kind(_expand(folder)) != "folder":
             problems.append(f"data.test_folders: {short(folder)} is not a folder; give <dir>/<domain>/<class>/<image> "
                             f"or <dir>/<class>/<image>")
 

@@ -270,6 +270,9 @@ def structure_cases(cases: Cases, rng: random.Random) -> None:
     cases.add("a config of an unknown bundled name", ["--config", "baselines/nothing", "output=out"])
     cases.add("a config under ..", ["--config", "../../nothing.yaml", "output=out"])
     cases.add("a config under an unknown user", ["--config", "~nobody_smat_fuzz/x.yaml", "output=out"])
+    for name in ("**", "a**", "*", "[", "?", "[!a]", ".", "..", "/", "~", "configs", "configs/", " pmf", "pmf\t",
+                 "x" * 5000, "a/" * 500 + "b"):
+        cases.add(f"a config named {name[:20]!r}", ["--config", name, "output=out"])
 
 
 # ---------------------------------------------------------------- base: chains and config_files
@@ -335,10 +338,12 @@ def wrong_values(hint, default) -> list[str]:
     return values
 
 
+LONG_NAME = "x" * 300  # longer than any file system's names (255 bytes)
 # values in the right type that validation refuses (ranges, choices, consistency, files that do not exist)
 OUT_OF_RANGE = {
     "method": ["bogus"], "seed": ["-1"], "device": ["gpu", "cuda:x", "tpu"], "keep_checkpoints": ["0", "-1"],
-    "output": ['""'], "model.backbone": ["vit_nonexistent_model"], "model.weights": ["/nonexistent/w.pth"],
+    "output": ['""', LONG_NAME, f"a/{LONG_NAME}/b", "a/" * 2100], "model.backbone": ["vit_nonexistent_model"],
+    "model.weights": ["/nonexistent/w.pth", LONG_NAME],
     "model.image_size": ["0", "-32", "5000", "33"], "model.num_experts": ["0", "33", "-1"],
     "model.expert_patterns": ["[]", "['']", "[nomatch]"], "model.log_alpha_init_std": ["-1"],
     "model.log_alpha_range": ["[1, 0]", "[1]", "[1, 2, 3]", "[]"], "model.hyper_tokens": ["0", "2000"],
@@ -350,9 +355,11 @@ OUT_OF_RANGE = {
     "pretrain.epochs": ["0"], "pretrain.batch_size": ["0", "100000"], "pretrain.lr": ["0", "-1"],
     "pretrain.weight_decay": ["-1"], "pretrain.label_smoothing": ["1.0", "-0.1"],
     "pretrain.warmup_fraction": ["1.0", "-0.1"], "pretrain.held_out_per_class": ["-1"],
-    "data.source": ["bogus"], "data.root": ["/nonexistent/data"], "data.train_domains": ["[]", "[nowhere]"],
-    "data.test_domains": ["[]", "[nowhere]"], "data.splits": ["/nonexistent/splits.json"],
-    "data.test_only": ["[x]"], "data.test_folders": ["[/nonexistent/folder]"], "data.protocol": ["bogus"],
+    "data.source": ["bogus"], "data.root": ["/nonexistent/data", LONG_NAME],
+    "data.train_domains": ["[]", "[nowhere]"],
+    "data.test_domains": ["[]", "[nowhere]"], "data.splits": ["/nonexistent/splits.json", LONG_NAME],
+    "data.test_only": ["[x]"], "data.test_folders": ["[/nonexistent/folder]", f"[{LONG_NAME}]"],
+    "data.protocol": ["bogus"],
     "data.n_way": ["0", "1", "20000"], "data.k_shot": ["0", "20000"], "data.q_query": ["0", "20000"],
     "data.num_workers": ["-1", "2000"], "data.train_crop_scale": ["[0, 1]", "[0.9, 0.5]", "[0.5, 2]", "[1]"],
     "data.train_jitter": ["-1"], "train.epochs": ["0"], "train.tasks_per_epoch": ["0"],
