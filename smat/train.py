@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from smat_kernels import dispatch
+
 from .config import Config, ConfigError, load_config, merge_values, parse_override, validate
 from .data import DataError, episodes
 from .evaluation.report import evaluate_and_report
@@ -83,6 +85,7 @@ def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
     config = resumed_config(args, requested, run) if args.resume else requested
     check_folder(run, args.resume)
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_backend(config, device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if config.train.meta_batch % world_size:
         raise ConfigError(f"train.meta_batch ({config.train.meta_batch}) must be divisible by the number of "
@@ -107,6 +110,20 @@ def check_data(config: Config) -> None:
     episodes.train_dataset(config, source)
     episodes.val_datasets(config, source)
     episodes.test_datasets(config, source)
+
+
+def check_backend(config: Config, device: torch.device) -> None:
+    """The kernel backend named by model.backend (or SMAT_BACKEND) runs on ``device``: checked before the run
+    folder is written, not at the first merge."""
+    name = config.model.backend or os.environ.get(dispatch.ENVIRONMENT_VARIABLE) or None
+    where = "model.backend" if config.model.backend else dispatch.ENVIRONMENT_VARIABLE
+    try:
+        reason = dispatch.rejection(name, device) if name is not None else None
+    except ValueError as error:  # an unknown name in SMAT_BACKEND
+        reason = str(error)
+    if reason is not None:
+        raise ConfigError(f"{where}={name} cannot run on {device}: {reason}; leave it empty for the automatic "
+                          f"choice, or choose a device it runs on")
 
 
 def check_folder(run: Path, resume: bool) -> None:

@@ -501,6 +501,26 @@ def test_issue_config_values(override, words, tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err and not Path("run").exists()
 
 
+@pytest.mark.parametrize("override, environment", [("model.backend=triton", {}), ("model.backend=cuda", {}),
+                                                   ("seed=1", {"SMAT_BACKEND": "bogus"})])
+def test_a_backend_that_cannot_run_here_stops_before_the_run_folder(override, environment, tmp_path, monkeypatch,
+                                                                    capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible here: the backends may run")
+    from smat_kernels import dispatch
+
+    if override == "model.backend=triton" and dispatch.rejection("triton", torch.device("cpu")) is None:
+        pytest.skip("Triton's interpreter runs here (TRITON_INTERPRET=1 was set when the kernels were imported)")
+    monkeypatch.chdir(tmp_path)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    code, err = train_main([override, "output=run", "device=cpu"], capsys)
+    assert code == 2 and err.startswith("error:") and "cannot run on cpu" in err, err
+    assert not Path("run").exists()
+
+
 def test_an_expanding_value_gives_a_short_message_quickly(tmp_path, monkeypatch, capsys):
     """Item 6: 400 bytes of anchors that expand to 10^12 values; the rejection is one short message."""
     monkeypatch.chdir(tmp_path)
