@@ -121,6 +121,9 @@ class PretrainConfig:
     label_smoothing: float = 0.1
     warmup_fraction: float = 0.05
     held_out_per_class: int = 2  # images of every class kept out of training to measure the accuracy
+    # Use the weights shipped in the package (smat/model/weights/) where these settings are the ones they were
+    # trained with; false re-runs pre-training into the cache (`python -m smat.train --pretrain`).
+    use_shipped: bool = True
 
 
 @dataclass
@@ -283,7 +286,7 @@ def _coerce(value, hint, name: str):
         return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. float | None: named by type_problems
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        return _number_or_value(value) if hint is float else _coerce(value, hint, name) if hint is not str else value
+        return number_or_value(value) if hint is float else _coerce(value, hint, name) if hint is not str else value
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {short(value)}")
@@ -301,12 +304,12 @@ def _coerce(value, hint, name: str):
     if typing.get_origin(hint) is list:
         values = value if isinstance(value, list) else [value]
         if typing.get_args(hint)[0] is float:
-            values = [_number_or_value(v) for v in values]
+            values = [number_or_value(v) for v in values]
         return values
     return value
 
 
-def _number_or_value(value):
+def number_or_value(value):
     """A number's float (YAML reads 1e-3 as a string); any other value unchanged."""
     if isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
@@ -578,6 +581,7 @@ def from_dict(values: dict) -> Config:
 LEGACY_VALUES = {
     ("model", "builtin", "stem"): "patch",  # runs before the convolutional stem used timm's patch embedding
     ("model", "pmf_head"): "fixed",  # PMF runs before the learnable cosine head had scale 10 and bias 0
+    ("pretrain", "use_shipped"): False,  # runs before the shipped backbone pre-trained their own, then cached it
 }
 
 

@@ -158,8 +158,14 @@ def test_load_run_rejects_a_checkpoint_of_another_config(run_dir, tmp_path):
 
 def test_load_run_rejects_a_backbone_of_another_shape(run_dir, tmp_path):
     other = copy_run(run_dir, tmp_path, **{"model.builtin.embed_dim": 64})
-    with pytest.raises(ConfigError, match="does not fit backbone"):
-        runs.load_run(other, "cpu")
+    with pytest.raises(checkpoint.CheckpointError, match="model.builtin.embed_dim: 64 there, 128 in the checkpoint"):
+        runs.load_run(other, "cpu")  # the config as trained is recorded in the checkpoint: named before loading
+    for state in other.glob("checkpoints/*/state.json"):  # a checkpoint written before the config was recorded
+        values = json.loads(state.read_text())
+        values.pop("config")
+        state.write_text(json.dumps(values))
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit backbone"):
+        runs.load_run(other, "cpu")  # the tensors' shapes are still checked
 
 
 def test_load_run_names_a_missing_folder(tmp_path):
@@ -222,7 +228,7 @@ def test_cli_end_to_end(run_dir, tmp_path, capsys):
     assert code == 0
     assert "smat + lora" in capsys.readouterr().out
     rows = {row["domain"]: row for row in csv.DictReader((out / "results.csv").open())}
-    assert set(rows) == {"latin", "digits", "id average", "ood average"}
+    assert set(rows) == {"latin", "digits", "id average", "far_ood average"}  # digits: far-OOD, the only OOD group
     for mode in ("protonet", "select", "full", "lora"):
         assert 0.0 <= float(rows["latin"][f"smat + {mode} mean"]) <= 100.0
     record = json.loads((out / "results.json").read_text())

@@ -126,9 +126,15 @@ def test_inputs_of_any_kind_size_and_mode(binary_run, tmp_path):
     predictions = specialist.predict(inputs)
     assert len(predictions) == 8 and predictions.kept == [0, 1, 2, 3, 5, 6, 7, 8]
     assert [name for name, _ in predictions.skipped] == [str(tmp_path / "broken.jpg")]
-    path, pil, as_float, as_uint8, array = (predictions.probabilities[i] for i in (0, 4, 5, 6, 7))
+    # the same picture as a file, a PIL image, a uint8 tensor and an array is the same input, bit for bit ...
+    images = model.preprocess(inputs).images
+    path, pil, as_float, as_uint8, array = (images[i] for i in (0, 4, 5, 6, 7))
     assert torch.equal(path, pil) and torch.equal(pil, as_uint8) and torch.equal(pil, array)
     assert torch.allclose(pil, as_float, atol=1e-5)
+    # ... and gets the same prediction (up to the rounding of its row of a batched matrix product)
+    path, pil, as_float, as_uint8, array = (predictions.probabilities[i] for i in (0, 4, 5, 6, 7))
+    for other in (pil, as_float, as_uint8, array):
+        assert torch.allclose(path, other, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["select", "full", "lora"])

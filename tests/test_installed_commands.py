@@ -26,12 +26,17 @@ CLIS = ("smat.train", "smat.evaluate", "smat.predict", "smat.export", "smat.anal
 
 def test_the_configs_live_once_in_the_package():
     assert not (ROOT / "configs").exists(), "configs/ was moved to smat/configs (one source of truth)"
-    files = sorted(PACKAGE_CONFIGS.rglob("*.yaml"))
-    assert len(files) >= 12 and not any(path.is_symlink() for path in files)
+    source = ROOT / "smat" / "configs"
+    files = sorted(path.relative_to(source) for path in source.rglob("*.yaml"))
+    assert len(files) >= 12 and not any((source / path).is_symlink() for path in files)
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["smat"]
-    shipped = {path for pattern in patterns for path in (ROOT / "smat").glob(pattern)}
+    shipped = {path.relative_to(source) for pattern in patterns for path in (ROOT / "smat").glob(pattern)
+               if path.is_relative_to(source)}
     assert set(files) <= shipped, f"not package data: {sorted(set(files) - shipped)}"
+    # the package that runs (installed, or this checkout when editable) holds every one of them
+    installed = {path.relative_to(PACKAGE_CONFIGS) for path in PACKAGE_CONFIGS.rglob("*.yaml")}
+    assert set(files) <= installed, f"missing from {PACKAGE_CONFIGS}: {sorted(set(files) - installed)}"
 
 
 @pytest.mark.parametrize("name", ["pmf", "baselines/pmf", "baselines/pmf.yaml", "configs/baselines/pmf.yaml"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, type_problems
+from ..config import ConfigError, number_or_value, type_problems
 
 MODES = ("protonet", "select", "full", "lora")
 GRADIENT_MODES = ("full", "lora")  # the modes whose learning rate is chosen from a grid
@@ -67,13 +67,12 @@ class AdaptConfig:
 
 def validate_adapt(options: AdaptConfig) -> AdaptConfig:
     """Raise one ConfigError naming every impossible option; return ``options`` when they are sound."""
+    # YAML reads 1e-3 (no dot) as a string: numbers written as text count as numbers
+    options.lr = number_or_value(options.lr)
+    if isinstance(options.lr_grid, list):
+        options.lr_grid = [number_or_value(rate) for rate in options.lr_grid]
     problems = type_problems(options, "adapt.", repair=True)  # types first: the checks below compare numbers
-    try:  # YAML reads 1e-3 (no dot) as a string
-        options.lr = None if options.lr is None else float(options.lr)
-        options.lr_grid = [float(rate) for rate in options.lr_grid]
-        rates = options.learning_rates("full")
-    except (TypeError, ValueError):
-        rates = [-1.0]
+    rates = options.learning_rates("full")
     for name in ("steps", "select_rounds", "lora_rank", "lr_tasks"):
         value = getattr(options, name)
         low = 1 if name in ("lora_rank", "lr_tasks") else 0
