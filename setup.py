@@ -9,7 +9,10 @@ Environment variables:
   SMAT_CUDA_ARCHS  semicolon-separated SM versions (default "90": H100/H200;
                    e.g. "80;90" adds A100 at twice the compile time).
   SMAT_CPU_ARCH    value of -march for the CPU module (default "native";
-                   set e.g. "x86-64-v3" to build for other machines).
+                   set e.g. "x86-64-v3" to build for other machines). On
+                   x86-64 the merge kernels are also compiled per ISA path
+                   (ISA_SOURCES) and chosen at run time, so such a build still
+                   runs AVX-512 where the CPU has it.
   CUDA_HOME        the CUDA toolkit (default: /usr/local/cuda, then nvcc on PATH).
   MAX_JOBS         parallel compile jobs (default: the number of cores).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -69,11 +73,38 @@ CPU_FLAGS = [
     "-O3",
     "-fopenmp",
     "-fno-math-errno",  # lets GCC call glibc's vector expf/logf (see csrc/cpu/cpu_common.h)
+    "-fno-trapping-math",  # lets GCC if-convert the selects of the per-lane loops; values are unchanged
     "-ffp-contract=off",  # a·b + c rounds twice, as in the reference
     "-DSMAT_USE_LIBMVEC",
     "-mprefer-vector-width=512",  # where AVX-512 exists; ignored elsewhere
     f"-march={os.environ.get('SMAT_CPU_ARCH', 'native')}",
 ]
+
+# Kernels compiled once more per instruction-set path, with the -march of
+# that path (it follows, and so overrides, SMAT_CPU_ARCH's); csrc/cpu/isa.cpp
+# chooses the path at run time from what the CPU reports. x86-64 only: other
+# machines build the portable path alone.
+ISA_SOURCES = {
+    "csrc/cpu/merge_avx2.cpp": ["-march=x86-64-v3", "-mtune=generic"],
+    "csrc/cpu/merge_avx512.cpp": ["-march=x86-64-v4", "-mtune=generic", "-mprefer-vector-width=512"],
+}
+
+
+def builds_isa_paths() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_sources() -> list[str]:
+    sources = relative_sources("csrc/cpu", "*.cpp")
+    return sources if builds_isa_paths() else [s for s in sources if s not in ISA_SOURCES]
+
+
+def isa_flags(source: str) -> list[str]:
+    """The extra flags of one CPU source: its ISA path's -march, if it has one."""
+    relative = Path(source).resolve().relative_to(ROOT.resolve()).as_posix() if Path(source).is_absolute() else \
+        Path(source).as_posix()
+    return ISA_SOURCES.get(relative, [])
+
 
 NVCC_FLAGS = [
     "-O3",
@@ -133,7 +164,8 @@ class BuildWithCuda(build_ext):
         else:
             executable = self.compiler.compiler_so[0]
             compiler = f"{executable} ({first_output_line([executable, '--version'])})"
-            flags = CPU_FLAGS
+            flags = CPU_FLAGS + ([f"[{Path(source).name}: {' '.join(extra)}]" for source, extra in ISA_SOURCES.items()]
+                                 if builds_isa_paths() else [])
             march = next(flag for flag in CPU_FLAGS if flag.startswith("-march="))
             resolved = first_output_line([executable, march, "-Q", "--help=target"], "-march=").split()
             target = f"{march} (resolved: {resolved[-1] if resolved else 'unknown'})"
@@ -150,7 +182,21 @@ class BuildWithCuda(build_ext):
         if getattr(ext, "cuda_home", None) is not None:
             self.build_cuda_extension(ext)
         else:
+            self.build_cpu_extension(ext)
+
+    def build_cpu_extension(self, ext):
+        """build_ext's own build, with each ISA source's -march appended to
+        its compile command (distutils has no per-source flags)."""
+        compile_one = self.compiler._compile
+
+        def compile_with_isa_flags(obj, src, ext_name, cc_args, extra_postargs, pp_opts):
+            compile_one(obj, src, ext_name, cc_args, [*extra_postargs, *isa_flags(src)], pp_opts)
+
+        self.compiler._compile = compile_with_isa_flags
+        try:
             super().build_extension(ext)
+        finally:
+            del self.compiler._compile
 
     def build_cuda_extension(self, ext):
         home: Path = ext.cuda_home
@@ -190,8 +236,9 @@ class BuildWithCuda(build_ext):
 def extensions():
     cpu = Pybind11Extension(
         "smat_kernels._cpu",
-        relative_sources("csrc/cpu", "*.cpp"),
+        cpu_sources(),
         include_dirs=[str(INCLUDE)],
+        define_macros=[("SMAT_CPU_ISA_KERNELS", "1")] if builds_isa_paths() else [],
         extra_compile_args=CPU_FLAGS,
         extra_link_args=["-fopenmp"],
         cxx_std=17,

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# SMAT_BENCH_RESULTS_DIR sends a trial run's results elsewhere (a quick check
+# that a benchmark runs must not add its timings to the committed files).
+RESULTS_DIR = Path(os.environ.get("SMAT_BENCH_RESULTS_DIR") or Path(__file__).parent / "results")
 GB = 1e9
 
 
@@ -87,6 +89,8 @@ def machine_info() -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "cpu_vector_flags": _cpu_vector_flags(),
+        "cpu_kernel_isa": _cpu_kernel_isa(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -103,6 +107,29 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda_runtime"] = torch.version.cuda
     return info
+
+
+def _cpu_vector_flags() -> list[str]:
+    """The CPU's SIMD flags from /proc/cpuinfo (sse4_2, avx, avx2, fma, avx512*, …)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(f for f in flags if f.startswith(("sse", "ssse", "avx", "fma", "f16c", "amx")))
+    except OSError:
+        pass
+    return []
+
+
+def _cpu_kernel_isa() -> dict | None:
+    """The CPU kernels' instruction-set paths: active, runnable, compiled."""
+    try:
+        from smat_kernels.backends import cpu
+
+        return cpu.isa() if cpu._cpu is not None else None
+    except (ImportError, ValueError) as error:
+        return {"error": str(error)}
 
 
 def _cpu_model() -> str:

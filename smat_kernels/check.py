@@ -75,12 +75,24 @@ def print_versions() -> None:
         for key in ("compiler", "flags", "target", "vector_instructions"):
             if key in info:
                 line(f"  {key}", info[key])
+        if name == "_cpu" and hasattr(module, "isa"):
+            line("  ISA path", isa_summary(module))
         if name == "_cuda":
             line("  CUDA runtime (linked)", cuda_version(module.runtime_version()))
             line("  CUDA driver", cuda_version(module.driver_version()))
-    for variable in (dispatch.ENVIRONMENT_VARIABLE, selftest.ENVIRONMENT_VARIABLE, "TRITON_INTERPRET",
+    for variable in (dispatch.ENVIRONMENT_VARIABLE, selftest.ENVIRONMENT_VARIABLE, "SMAT_CPU_ISA", "TRITON_INTERPRET",
                      "CUDA_VISIBLE_DEVICES"):
         line(variable, os.environ.get(variable, "(unset)"))
+
+
+def isa_summary(module) -> str:
+    """The CPU kernels' instruction-set path: the active one and the others."""
+    try:
+        paths = module.isa()
+    except ValueError as error:
+        return f"none: {error}"
+    return (f"{paths['active']} (runnable here: {', '.join(paths['runnable'])}; "
+            f"built: {', '.join(paths['compiled'])}; SMAT_CPU_ISA forces one)")
 
 
 def cpu_name() -> str:

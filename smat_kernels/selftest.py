@@ -84,13 +84,15 @@ class Verdict:
     case: str = ""
     error: str = ""
     skipped: bool = False
+    variant: str = ""  # the backend's code path that was tested (Backend.variant)
 
     def __str__(self) -> str:
+        where = f"{self.device}, {self.variant}" if self.variant else self.device
         if self.skipped:
-            return f"self-test off on {self.device} ({ENVIRONMENT_VARIABLE}=0)"
+            return f"self-test off on {where} ({ENVIRONMENT_VARIABLE}=0)"
         if self.passed:
-            return f"self-test passed on {self.device} ({self.checks} checks, {self.seconds:.2f} s)"
-        return f"self-test failed on {self.device}: {self.failure}"
+            return f"self-test passed on {where} ({self.checks} checks, {self.seconds:.2f} s)"
+        return f"self-test failed on {where}: {self.failure}"
 
     @property
     def failure(self) -> str:
@@ -421,6 +423,7 @@ def run(backend: Backend, device: torch.device, level: str = "quick") -> Verdict
     """Run the self-test of `backend` on `device` now (not cached)."""
     key = device_key(device)
     device = torch.device(key)
+    variant = backend.variant()
     start = time.perf_counter()
     count = 0
     items = list(checks(level))
@@ -437,11 +440,12 @@ def run(backend: Backend, device: torch.device, level: str = "quick") -> Verdict
                 check(backend, case, device)
             except Exception as error:  # noqa: BLE001 - a backend that raises fails, whatever it raised
                 message = str(error) if isinstance(error, Mismatch) else f"{type(error).__name__}: {error}"
-                return Verdict(backend.name, key, False, count, time.perf_counter() - start, op, str(case), message)
+                return Verdict(backend.name, key, False, count, time.perf_counter() - start, op, str(case), message,
+                               variant=variant)
             count += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return Verdict(backend.name, key, True, count, time.perf_counter() - start)
+    return Verdict(backend.name, key, True, count, time.perf_counter() - start, variant=variant)
 
 
 @contextlib.contextmanager
@@ -474,7 +478,8 @@ def verdict(backend: Backend, device: torch.device) -> Verdict:
     with _lock:
         if key not in _verdicts:
             level = level_from_environment()
-            _verdicts[key] = (Verdict(backend.name, key[1], True, skipped=True) if level == "off"
+            _verdicts[key] = (Verdict(backend.name, key[1], True, skipped=True, variant=backend.variant())
+                              if level == "off"
                               else run(backend, device, level))
         return _verdicts[key]
 

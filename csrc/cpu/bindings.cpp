@@ -3,8 +3,14 @@
 // so no torch headers are needed (see DESIGN.md).
 #include <omp.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "density.h"
+#include "isa.h"
 #include "merge.h"
 #include "pack.h"
 
@@ -57,6 +63,28 @@ PYBIND11_MODULE(_cpu, module) {
   build_info["vector_instructions"] = vector_instructions();
   build_info["openmp"] = _OPENMP;
   module.attr("build_info") = build_info;
+
+  module.def(
+      "isa",
+      []() {
+        py::dict info;
+        auto names = [](const std::vector<smat::cpu::Isa>& isas) {
+          py::list list;
+          for (auto isa : isas) list.append(smat::cpu::isa_name(isa));
+          return list;
+        };
+        info["compiled"] = names(smat::cpu::compiled_isas());
+        info["runnable"] = names(smat::cpu::runnable_isas());
+        const char* requested = std::getenv(smat::cpu::kIsaEnvironmentVariable);
+        info["requested"] = requested ? py::object(py::str(requested)) : py::object(py::none());
+        info["active"] = smat::cpu::isa_name(smat::cpu::active_isa());
+        return info;
+      },
+      "The kernels' instruction-set paths: compiled, runnable on this CPU, requested by SMAT_CPU_ISA, active. "
+      "Raises ValueError when SMAT_CPU_ISA names a path that cannot run here.");
+  module.def(
+      "select_isa", [](const std::string& name) { return smat::cpu::isa_name(smat::cpu::select_isa(name)); },
+      "Use the named path ('avx512', 'avx2', 'portable' or 'auto') from now on; ValueError if it cannot run here.");
 
   module.def("set_num_threads", [](int threads) { omp_set_num_threads(threads); });
   module.def("get_num_threads", []() { return omp_get_max_threads(); });

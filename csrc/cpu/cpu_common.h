@@ -24,14 +24,17 @@ __attribute__((simd("notinbranch"))) float log1pf(float) noexcept;
 
 namespace smat::cpu {
 
+// Helpers are always inlined (SMAT_HD): the ISA paths compile this header with
+// different -march flags, and an out-of-line copy would be shared by all of
+// them through the linker (see merge_kernels.h).
 
 struct bfloat16 {
   uint16_t bits;
 };
 
-inline float to_float(float value) { return value; }
-inline float to_float(_Float16 value) { return static_cast<float>(value); }
-inline float to_float(bfloat16 value) {
+SMAT_HD float to_float(float value) { return value; }
+SMAT_HD float to_float(_Float16 value) { return static_cast<float>(value); }
+SMAT_HD float to_float(bfloat16 value) {
   uint32_t widened = static_cast<uint32_t>(value.bits) << 16;
   float result;
   std::memcpy(&result, &widened, sizeof(result));
@@ -39,21 +42,21 @@ inline float to_float(bfloat16 value) {
 }
 
 template <typename T>
-inline T from_float(float value);
+T from_float(float value);
 
 template <>
-inline float from_float<float>(float value) {
+SMAT_HD float from_float<float>(float value) {
   return value;
 }
 
 template <>
-inline _Float16 from_float<_Float16>(float value) {
+SMAT_HD _Float16 from_float<_Float16>(float value) {
   return static_cast<_Float16>(value);
 }
 
 // Round to nearest even, as torch does; NaN stays a quiet NaN.
 template <>
-inline bfloat16 from_float<bfloat16>(float value) {
+SMAT_HD bfloat16 from_float<bfloat16>(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return bfloat16{static_cast<uint16_t>((bits >> 16) | 0x0040u)};

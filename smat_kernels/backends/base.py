@@ -27,6 +27,11 @@ class Backend:
         """None when the backend runs tensors on `device`, else why not."""
         return None
 
+    def variant(self) -> str:
+        """Which of the backend's code paths serves calls now (e.g. the CPU's
+        instruction-set path), for reports and self-test verdicts; "" if one."""
+        return ""
+
     def merge(self, theta_pre, delta, log_alpha, alpha, mode: int, seed: int, offset: int,
               beta: float, gamma: float, zeta: float) -> torch.Tensor:
         raise NotImplementedError

@@ -17,6 +17,24 @@ except ImportError as error:  # nothing compiled: the package falls back to the 
     IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 
+ISA_ENVIRONMENT_VARIABLE = "SMAT_CPU_ISA"
+
+
+def isa() -> dict[str, object]:
+    """The kernels' instruction-set paths (csrc/cpu/isa.h): ``compiled`` into
+    the module, ``runnable`` on this CPU, ``requested`` by SMAT_CPU_ISA (None
+    when unset) and ``active``. Raises ValueError when SMAT_CPU_ISA asks for a
+    path that cannot run here."""
+    return dict(_cpu.isa())
+
+
+def select_isa(name: str) -> str:
+    """Use path `name` ("avx512", "avx2", "portable" or "auto") from now on
+    in this process; ValueError if it cannot run here. For tests and benchmarks:
+    users set SMAT_CPU_ISA."""
+    return _cpu.select_isa(name)
+
+
 def _threads() -> None:
     # Follow torch's intra-op thread setting so that torch.set_num_threads
     # governs smat's kernels too.
@@ -25,6 +43,15 @@ def _threads() -> None:
 
 class CpuBackend(Backend):
     name = "cpu"
+
+    def __init__(self):
+        if _cpu is not None:
+            # A SMAT_CPU_ISA this CPU cannot run is the user's explicit request:
+            # an error at the first op, not a silent fallback to the reference.
+            isa()
+
+    def variant(self):
+        return f"{isa()['active']} path" if _cpu is not None else ""
 
     def unavailable_reason(self):
         if _cpu is None:

@@ -6,18 +6,27 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
 #include "smat/elementwise.h"
 
 namespace smat {
 
+// Formats into a char buffer: the CPU module compiles these templates once
+// per ISA path (csrc/cpu/isa.h), and a string constructor instantiated there
+// would be one out-of-line copy that the linker shares between all paths.
+[[noreturn]] static inline void throw_unknown_code(const char* module, const char* what) {
+  char message[128];
+  std::snprintf(message, sizeof(message), "%s: unknown %s code", module, what);
+  throw std::invalid_argument(message);
+}
+
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum BitsDType : int { kUInt8 = 0, kInt16 = 1, kInt32 = 2 };
 
-inline HardConcrete hard_concrete(int mode, float beta, float gamma, float zeta) {
+SMAT_HD HardConcrete hard_concrete(int mode, float beta, float gamma, float zeta) {
   return HardConcrete{mode == kDeterministic ? 1.0f : 1.0f / beta, gamma, zeta - gamma};
 }
 
@@ -35,7 +44,7 @@ void dispatch_theta_dtype(int dtype, const char* module, Fn&& fn) {
       fn(static_cast<Float16*>(nullptr));
       break;
     default:
-      throw std::invalid_argument(std::string(module) + ": unknown theta dtype code");
+      throw_unknown_code(module, "theta dtype");
   }
 }
 
@@ -53,7 +62,7 @@ void dispatch_bits_dtype(int dtype, const char* module, Fn&& fn) {
       fn(static_cast<int32_t*>(nullptr));
       break;
     default:
-      throw std::invalid_argument(std::string(module) + ": unknown expert-bits dtype code");
+      throw_unknown_code(module, "expert-bits dtype");
   }
 }
 
@@ -82,7 +91,7 @@ void dispatch_mode(int mode, float beta, const char* module, Fn&& fn) {
       with_temperature(std::integral_constant<int, kNearNoiseless>{});
       break;
     default:
-      throw std::invalid_argument(std::string(module) + ": unknown mask mode code");
+      throw_unknown_code(module, "mask mode");
   }
 }
 

@@ -79,6 +79,90 @@ SMAT_HD uint64_t philox_counter(uint64_t offset, int64_t task, int64_t element, 
 }
 
 // ---------------------------------------------------------------------------
+// exp and log of the CPU kernels. Written in basic IEEE operations (no FMA,
+// no table, no library call) so that the scalar code and GCC's vectors of any
+// width (SSE, AVX2, AVX-512) round identically: the CPU module runs one ISA
+// path per machine (csrc/cpu/isa.h) and all paths must give the same bits,
+// which glibc's expf and libmvec's per-width variants do not. Error ≤ 2 ulp
+// (Cephes' polynomials). The GPU keeps its own expf/logf.
+// ---------------------------------------------------------------------------
+
+SMAT_HD float bits_to_float(uint32_t bits) {
+  union {
+    uint32_t u;
+    float f;
+  } value{bits};
+  return value.f;
+}
+
+SMAT_HD uint32_t float_to_bits(float x) {
+  union {
+    float f;
+    uint32_t u;
+  } value{x};
+  return value.u;
+}
+
+SMAT_HD float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  // x = n·ln 2 + r with |r| ≤ ln2/2; ln 2 split in two so that n·ln2_high is exact.
+  const float clamped = x > 88.8f ? 88.8f : (x >= -104.0f ? x : -104.0f);  // NaN → −104, replaced below
+  const float n = floorf(clamped * 1.44269504088896341f + 0.5f);
+  float r = clamped - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r2 + r + 1.0f;
+  // 2^n in two factors, so that results down to the subnormals and up to the overflow stay finite in between.
+  const int32_t exponent = static_cast<int32_t>(n);
+  const int32_t half = exponent / 2;
+  const float result = y * bits_to_float(static_cast<uint32_t>(half + 127) << 23) *
+                       bits_to_float(static_cast<uint32_t>(exponent - half + 127) << 23);
+  return x != x ? x : (x > 88.8f ? INFINITY : (x < -104.0f ? 0.0f : result));
+#endif
+}
+
+SMAT_HD float log_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  // x = 2^e·m with m in [√½, √2); subnormals are scaled up by 2^25 first.
+  const bool subnormal = x < 1.17549435e-38f;
+  const float scaled = subnormal ? x * 33554432.0f : x;
+  const uint32_t bits = float_to_bits(scaled);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
+  float m = bits_to_float((bits & 0x007FFFFFu) | 0x3F000000u);  // in [0.5, 1)
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float fe = static_cast<float>(e) - (subnormal ? 25.0f : 0.0f);
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m + -1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m + -1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m + -1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m + -2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float y = p * m * z;
+  y = y + fe * -2.12194440e-4f;
+  y = y + -0.5f * z;
+  const float result = m + y + fe * 0.693359375f;
+  // log 0 = −inf, log of a negative = NaN, log inf = inf, NaN stays NaN.
+  return x == 0.0f ? -INFINITY : (x < 0.0f ? NAN : (x == INFINITY || x != x ? x : result));
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // Hard-concrete masks (Louizos et al. 2018).
 // ---------------------------------------------------------------------------
 
@@ -108,12 +192,12 @@ SMAT_HD float noise_factor(float u, int mode, float inv_temperature) {
   if (mode == kNearNoiseless) u = kNearNoiselessLow + u * kNearNoiselessWidth;
   const float ratio = (1.0f - u) / u;  // +inf at u = 0: s = 0, as log(0) = −inf gives
   if (kDefaultTemperature) return ratio * sqrtf(ratio);
-  return expf(inv_temperature * logf(ratio));
+  return exp_f32(inv_temperature * log_f32(ratio));
 }
 
 SMAT_HD bool is_default_temperature(float inv_temperature) { return inv_temperature == 1.5f; }
 
-SMAT_HD float expert_factor(float log_alpha, float inv_temperature) { return expf(-log_alpha * inv_temperature); }
+SMAT_HD float expert_factor(float log_alpha, float inv_temperature) { return exp_f32(-log_alpha * inv_temperature); }
 
 // One mask entry and its derivative with respect to log_α:
 //   z = clamp(s·(ζ − γ) + γ, 0, 1),
