@@ -1,11 +1,12 @@
 """``python -m smat.train``: meta-train a run (Algorithm 1, or a baseline), then evaluate it and write its report.
 
 With no argument, the command runs the built-in default end to end:
-pre-train the small built-in ViT (once, cached), meta-tune it with SMAT on
+take the small built-in ViT pre-trained by ``python -m smat.pretrain`` (shipped with the package; ``--pretrain``
+trains it anew, once, then cached), meta-tune it with SMAT on
 the built-in ID domains, evaluate ProtoNet accuracy on the ID and OOD domains
 against the pre-trained backbone, and write a report. Options:
 
-    python -m smat.train [--config configs/X.yaml] [--resume] [--skip-eval] [key=value ...]
+    python -m smat.train [--config configs/X.yaml] [--resume] [--skip-eval] [--pretrain] [key=value ...]
 
 ``key=value`` overrides any config entry (``train.tau=0.95``, ``output=runs/x``).
 Under ``torchrun --nproc_per_node K`` the tasks of each meta-batch are split
@@ -67,8 +68,13 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in `output` from its latest "
                         "checkpoint")
     parser.add_argument("--skip-eval", action="store_true", help="meta-train only; no test evaluation or report")
+    parser.add_argument("--pretrain", action="store_true", help="pre-train the built-in backbone (into the cache) "
+                        "instead of using the one shipped with smat; the same as pretrain.use_shipped=false")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.tau=0.95")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.pretrain:
+        args.overrides.append("pretrain.use_shipped=false")
+    return args
 
 
 def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from smat.config import Config
@@ -51,3 +52,66 @@ def test_cache_key_follows_everything_that_shapes_the_weights():
     config.model.builtin.stem = "patch"
     assert cache_key(config) != key
     assert np.isfinite(config.pretrain.lr)
+
+
+# ---------------------------------------------------------------- the backbone shipped with the package
+
+
+def test_the_shipped_backbone_is_the_default_runs_and_its_hash_is_the_recorded_one():
+    from smat.training.pretrain import SHIPPED, file_sha256, shipped_record, shipped_weights
+
+    record = shipped_record()
+    assert record is not None and SHIPPED.is_file(), "smat/model/weights/ lost the shipped backbone or its record"
+    assert file_sha256(SHIPPED) == record["sha256"]
+    assert record["config_key"] == cache_key(Config()), \
+        "the default settings changed: re-create the weights with the command in the record"
+    assert record["command"].startswith("python -m smat.pretrain")
+    assert shipped_weights(Config()) == SHIPPED
+    config = Config()
+    config.pretrain.use_shipped = False  # --pretrain
+    assert shipped_weights(config) is None
+    config = Config()
+    config.pretrain.epochs += 1  # settings the shipped file was not trained with pre-train anew
+    assert shipped_weights(config) is None
+
+
+def test_the_shipped_backbone_loads_and_recognises_held_out_pretraining_images():
+    from safetensors.torch import load_file
+
+    from smat.model.backbone import create_builtin
+    from smat.training.pretrain import SHIPPED, pretraining_images, shipped_record
+
+    config = Config()
+    backbone = create_builtin(config.model.builtin, config.model.image_size)
+    backbone.load_state_dict(load_file(str(SHIPPED)))  # strict: every tensor present, no stray one
+    assert all(torch.isfinite(t).all() for t in backbone.state_dict().values())
+    # its features separate held-out images of the pre-training classes: nearest class mean of the training
+    # images, which needs no classifier head (the package ships the backbone only)
+    x, y, classes = pretraining_images(config)
+    train, held = held_out_split(y, config.pretrain.held_out_per_class)
+    keep = y[train] < 50
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(backbone.eval()(x[train][keep]), dim=-1)
+        means = torch.stack([features[y[train][keep] == c].mean(0) for c in range(50)])
+        held = held[y[held] < 50]
+        queries = torch.nn.functional.normalize(backbone(x[held]), dim=-1)
+    nearest = (queries @ means.T).argmax(-1)
+    assert (nearest == y[held]).float().mean() > 10 / 50, "far above chance (1/50) for a backbone that learnt"
+    assert shipped_record()["held_out_accuracy"] > 20 / classes
+
+
+def test_a_damaged_shipped_backbone_is_an_error_not_a_silent_pretraining(tmp_path, monkeypatch):
+    import shutil
+
+    from smat.config import ConfigError
+    from smat.training import pretrain as module
+
+    copy = tmp_path / module.SHIPPED.name
+    shutil.copy(module.SHIPPED, copy)
+    shutil.copy(module.SHIPPED.with_suffix(".json"), copy.with_suffix(".json"))
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(module, "SHIPPED", copy)
+    with pytest.raises(ConfigError, match="missing or damaged.*pretrain.use_shipped=false"):
+        module.shipped_weights(Config())

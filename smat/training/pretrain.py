@@ -1,14 +1,19 @@
-"""Pre-training of the built-in backbone, once, then cached.
+"""Pre-training of the built-in backbone: shipped with the package, or trained once and cached.
 
 The small ViT of ``model.backbone=builtin`` is trained with a linear
 classifier on the built-in pre-training classes (disjoint from every ID and
 OOD domain), the way a real backbone is pre-trained on ImageNet before SMAT
-meta-tunes it. The weights are cached under ``cache_dir()/backbones/``, keyed
-by a hash of everything that shapes them; a second run loads them.
+meta-tunes it. The package ships the weights that ``python -m smat.pretrain``
+produced with the default settings (``smat/model/weights/``, with a record of
+the command, settings, machine and SHA-256), so every machine starts from the
+same backbone without waiting for pre-training. Other settings, or
+``pretrain.use_shipped=false``, train the backbone and cache it under
+``cache_dir()/backbones/``, keyed by a hash of everything that shapes it.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -23,22 +28,58 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config
+from smat_kernels.check import cpu_has_avx512, cpu_name
+
+from ..config import Config, ConfigError
 from ..data.builtin import CACHE_VERSION, PRETRAIN_DOMAIN, BuiltinSource
 from ..data.builtin.cache import cache_dir
 from ..data.transforms import normalize
 from ..model.backbone import create_builtin
 from ..runtime.io import atomic_path, atomic_write_json
 
+SHIPPED = Path(__file__).resolve().parent.parent / "model" / "weights" / "builtin_vit.safetensors"
+
 
 def cache_key(config: Config) -> str:
+    settings = {k: v for k, v in vars(config.pretrain).items() if k != "use_shipped"}  # it shapes nothing
     shaping = {"arch": vars(config.model.builtin), "image_size": config.model.image_size,
-               "pretrain": vars(config.pretrain), "data": CACHE_VERSION, "seed": config.seed, "version": 2}
+               "pretrain": settings, "data": CACHE_VERSION, "seed": config.seed, "version": 2}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached_weights(config: Config) -> Path:
     return cache_dir() / "backbones" / f"builtin-vit-{cache_key(config)}.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_record() -> dict | None:
+    """The record written beside the shipped weights (settings, command, machine, sha256); None without one."""
+    try:
+        return json.loads(SHIPPED.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def shipped_weights(config: Config) -> Path | None:
+    """The shipped backbone where ``config`` asks for it and its settings are the ones it was trained with.
+
+    A shipped file whose SHA-256 is not the recorded one (a damaged install) is an error, not a silent
+    pre-training: the user should know their package is broken."""
+    record = shipped_record()
+    if not config.pretrain.use_shipped or record is None or record.get("config_key") != cache_key(config):
+        return None
+    if not SHIPPED.is_file() or file_sha256(SHIPPED) != record.get("sha256"):
+        raise ConfigError(f"the shipped built-in backbone {SHIPPED} is missing or damaged (its SHA-256 is not "
+                          f"{record.get('sha256')}); reinstall smat, or pre-train instead with "
+                          f"pretrain.use_shipped=false")
+    return SHIPPED
 
 
 def training_threads() -> int:
@@ -51,21 +92,33 @@ def training_threads() -> int:
 
 
 def pretrained_builtin(config: Config, log=print) -> Path:
-    """Path of the pre-trained built-in backbone for ``config``, training it first if it is not cached."""
+    """Path of the pre-trained built-in backbone for ``config`` in the cache, training it first if it is not
+    cached."""
     path = cached_weights(config)
     if path.is_file():
         log(f"pre-trained built-in backbone: {path} (cached)")
         return path
     log(f"pre-training the built-in backbone ({config.pretrain.epochs} epochs); cached afterwards at {path}")
-    start = time.perf_counter()
-    backbone, summary = pretrain(config)
-    with atomic_path(path) as temporary:
-        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(temporary))
-    summary["seconds"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(path.with_suffix(".json"), summary)
+    summary = pretrain_to_file(config, path, "python -m smat.train pretrain.use_shipped=false")
     log(f"pre-trained in {summary['seconds']} s: train accuracy {summary['train_accuracy']:.3f}, accuracy on "
         f"{summary['held_out_images']} held-out images of its classes {summary['held_out_accuracy']:.3f}")
     return path
+
+
+def pretrain_to_file(config: Config, path: Path, command: str, log=None) -> dict:
+    """Pre-train, write the weights to ``path`` (atomically) and beside them a JSON record: the summary, the
+    settings and their key, ``command``, the machine and the file's SHA-256. Returns the record."""
+    start = time.perf_counter()
+    backbone, summary = pretrain(config, log)
+    seconds = round(time.perf_counter() - start, 1)
+    with atomic_path(path) as temporary:
+        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(temporary))
+    isa = {True: "avx512f", False: "avx2 or older", None: "unknown"}[cpu_has_avx512()]
+    record = {**summary, "seconds": seconds, "settings": vars(config.pretrain) | {"seed": config.seed},
+              "command": command, "cpu": f"{cpu_name()} ({isa})", "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "sha256": file_sha256(path)}
+    atomic_write_json(path.with_suffix(".json"), record)
+    return record
 
 
 def pretraining_images(config: Config) -> tuple[torch.Tensor, torch.Tensor, int]:

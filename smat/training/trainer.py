@@ -22,7 +22,7 @@ from ..runtime.device import precision_dtype, task_parallel
 from ..runtime.runlog import RunLog
 from .alignment import gradient_alignment
 from .lagrangian import SparsityMultipliers
-from .pretrain import cached_weights, pretrained_builtin
+from .pretrain import cached_weights, pretrained_builtin, shipped_weights
 from .specs import SPECS, clip_gradients, make_optimizers
 
 
@@ -34,10 +34,14 @@ def build_model(config: Config, world: distributed.World, log=print, weights=Non
     """The model of the run's method over the configured backbone with its pre-trained weights (the built-in
     backbone is pre-trained first, once, by the main process)."""
     if config.model.backbone == BUILTIN and weights is None and config.model.weights is None:
-        if world.is_main:
-            pretrained_builtin(config, log)
-        distributed.barrier(world)
-        weights = cached_weights(config)
+        weights = shipped_weights(config)
+        if weights is None:
+            if world.is_main:
+                pretrained_builtin(config, log)
+            distributed.barrier(world)
+            weights = cached_weights(config)
+        elif world.is_main:
+            log(f"pre-trained built-in backbone: {weights} (shipped with smat)")
     torch.manual_seed(config.seed)
     return build(config, create_backbone(config.model, weights))
 
