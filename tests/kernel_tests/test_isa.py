@@ -17,6 +17,7 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -119,8 +120,13 @@ def test_active_path_is_the_best_runnable_by_default():
 
 
 def run_with_isa(value: str, code: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter with SMAT_CPU_ISA=`value`, run outside the checkout: `python -c` puts the
+    working folder first on sys.path, and the source tree's smat_kernels has no compiled module (CI installs
+    the package, it does not build in place)."""
     environment = dict(os.environ, **{cpu.ISA_ENVIRONMENT_VARIABLE: value, "SMAT_SELFTEST": "0"})
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=300)
+    with tempfile.TemporaryDirectory() as folder:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                              timeout=300, cwd=folder)
 
 
 @pytest.mark.parametrize("path", [runnable(p) for p in PATHS])
