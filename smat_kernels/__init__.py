@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import warnings
 
-from . import reference
-from .dispatch import backends, rejection
+from . import backends, reference
+from .dispatch import rejection
 from .ops import expected_density, hard_density, merge, pack, packed_merge
 from .packed import PackedExperts
 from .reference import BETA, GAMMA, MODES, ZETA, counters_per_call

@@ -3,8 +3,10 @@ dispatcher explains why a backend cannot run."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -299,3 +301,17 @@ def test_packed_file_round_trip_and_damage(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(ValueError, match="experts.safetensors is not a readable packed-experts file"):
         smat_kernels.PackedExperts.load(path)
+
+
+def test_the_backend_modules_import_under_their_dotted_names():
+    """`import smat_kernels.backends.cpu as cpu` works beside `smat_kernels.backends()` (issue 22, item 10:
+    the function of that name hid the package, so the dotted import failed)."""
+    script = ("import smat_kernels.backends.cpu as cpu, smat_kernels.backends.reference as reference\n"
+              "import smat_kernels\n"
+              "report = smat_kernels.backends()\n"
+              "assert isinstance(report, dict) and report['reference'] == 'available', report\n"
+              "assert cpu.CpuBackend.name == 'cpu' and reference.ReferenceBackend.name == 'reference'\n")
+    with tempfile.TemporaryDirectory() as folder:  # outside the checkout: the installed package
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                cwd=folder, env=dict(os.environ, SMAT_SELFTEST="0"))
+    assert result.returncode == 0, result.stderr
