@@ -132,6 +132,14 @@ def _cpu_kernel_isa() -> dict | None:
         return {"error": str(error)}
 
 
+def isa_summary(info: dict) -> str:
+    """The CPU's widest vector ISA and the kernels' active path, e.g. 'AVX-512; kernels: avx512 path'."""
+    flags = set(info.get("cpu_vector_flags") or ())
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "ISA unknown"
+    paths = info.get("cpu_kernel_isa") or {}
+    return f"{widest}; kernels: {paths['active']} path" if "active" in paths else widest
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -178,8 +186,8 @@ class ResultsTable:
         return [row for row in earlier.get("rows", []) if _row_key(row) not in measured]
 
     def markdown(self, info: dict, rows: list[dict]) -> str:
-        header = (f"Machine: {info['processor']}, {info['cores']} cores, torch {info['torch']}, "
-                  f"{info['date'][:10]}. Copy bandwidth: "
+        header = (f"Machine: {info['processor']} ({isa_summary(info)}), {info['cores']} cores, "
+                  f"torch {info['torch']}, {info['date'][:10]}. Copy bandwidth: "
                   + ", ".join(f"{k} {v:.1f} GB/s" for k, v in self.baselines.items()) + "\n\n")
         columns = ["op", "impl", "N", "B", "M", "dtype", "seconds", "GB/s", "copy ratio", "speed-up vs eager",
                    "speed-up vs compiled", "peak extra MiB", "[B,N] buffers"]
