@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validation as check
 from . import dispatch, reference
-from .packed import PackedExperts, bitmap_words, check_packed, expert_bits_dtype
+from .packed import PackedExperts, bitmap_words, check_packed_contents, check_packed_structure, expert_bits_dtype
 
 # --------------------------------------------------------------------------
 # merge
@@ -258,6 +258,9 @@ def pack(delta: Tensor, log_alpha: Tensor, *, gamma: float = reference.GAMMA, ze
 def _packed_merge(theta_pre: Tensor, support_bitmap: Tensor, word_offsets: Tensor, expert_bits: Tensor,
                   delta: Tensor, alpha: Tensor, backend: str) -> Tensor:
     packed = PackedExperts(theta_pre.shape[0], alpha.shape[1], support_bitmap, word_offsets, expert_bits, delta, 0)
+    # The contents are read here, in the op's body, so that the check also runs inside a torch.compile'd
+    # graph (the op is opaque to it); the kernels index delta by them.
+    check_packed_contents(packed)
     return dispatch.get_backend(backend).packed_merge(theta_pre, packed, alpha)
 
 
@@ -276,8 +279,16 @@ def packed_merge(theta_pre: Tensor, packed: PackedExperts, alpha: Tensor, *, bac
         alpha: fp32 [B, M].
     Returns:
         [B, N] in θ's dtype (not differentiable).
+
+    Raises ValueError where a gradient is asked for (``alpha`` or ``theta_pre`` requires grad while grad
+    mode is on): the packed form is for deployment; train with :func:`merge`.
     """
-    check_packed(packed)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (alpha, theta_pre)):
+        raise ValueError("packed_merge is not differentiable, but alpha or theta_pre requires grad: pass "
+                         "alpha.detach() or call it under torch.no_grad() for inference, or use merge() to train")
+    if not isinstance(packed, PackedExperts):
+        raise TypeError(f"packed must be a PackedExperts from smat_kernels.pack, got {type(packed).__name__}")
+    check_packed_structure(packed)  # shapes and dtypes here; the contents in the op (_packed_merge)
     check.check_tensor("theta_pre", theta_pre, dims=1, dtypes=check.THETA_DTYPES)
     if theta_pre.shape[0] != packed.n:
         raise ValueError(f"theta_pre has N = {theta_pre.shape[0]} elements but the packed experts were made "

@@ -85,3 +85,23 @@ def test_compiled_merge_matches_eager(backend, mode, compiler):
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for eager_input, compiled_input in zip(eager_inputs, compiled_inputs):
         torch.testing.assert_close(compiled_input.grad, eager_input.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_packed_merge_matches_eager_and_checks_the_contents(backend):
+    """packed_merge compiles with fullgraph=True (issue 22, item 10: the contents check read the tensors
+    while tracing); the check runs in the op's body, so a PackedExperts changed in place after compiling
+    is still refused. pack's output size depends on the data: it is called before, not traced."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(3)
+    theta_pre = torch.randn(70, generator=generator)
+    packed = smat_kernels.pack(torch.randn(70, generator=generator), torch.randn(70, 4, generator=generator),
+                               backend=backend)
+    alpha = torch.softmax(torch.randn(3, 4, generator=generator), 1)
+    compiled = torch.compile(lambda t, a: smat_kernels.packed_merge(t, packed, a, backend=backend),
+                             fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(theta_pre, alpha), smat_kernels.packed_merge(theta_pre, packed, alpha,
+                                                                             backend=backend))
+    packed.word_offsets[1] += 1
+    with pytest.raises(ValueError, match="word_offsets do not match the bitmap"):
+        compiled(theta_pre, alpha)

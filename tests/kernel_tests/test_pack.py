@@ -153,3 +153,16 @@ def test_state_dict_round_trip():
     assert torch.equal(smat_kernels.packed_merge(theta_pre, restored, alpha),
                        smat_kernels.packed_merge(theta_pre, packed, alpha))
     assert_same_packed(packed, packed.to("cpu"))
+
+
+def test_packed_merge_refuses_to_drop_a_gradient():
+    """packed_merge has no backward: an alpha that requires grad is an error, not a result without one
+    (issue 22, item 10); under no_grad, or detached, it merges."""
+    delta, log_alpha = torch.randn(40), torch.randn(40, 3)
+    packed = smat_kernels.pack(delta, log_alpha)
+    alpha = torch.softmax(torch.randn(2, 3), 1).requires_grad_()
+    with pytest.raises(ValueError, match="not differentiable.*alpha.detach"):
+        smat_kernels.packed_merge(torch.zeros(40), packed, alpha)
+    with torch.no_grad():
+        merged = smat_kernels.packed_merge(torch.zeros(40), packed, alpha)
+    assert torch.equal(merged, smat_kernels.packed_merge(torch.zeros(40), packed, alpha.detach()))
