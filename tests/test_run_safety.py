@@ -175,7 +175,7 @@ def test_a_config_that_is_not_a_mapping_is_one_line(run, tmp_path, text):
     (run / "config.yaml").write_text(text)
     before = snapshot(run)
     for command in (["train", f"output={run}", "--resume"], ["evaluate", "--checkpoint", str(run)]):
-        the_error(cli(tmp_path, *command), f"{run / 'config.yaml'} is damaged", "not the mapping of a run's config",
+        the_error(cli(tmp_path, *command), f"{run / 'config.yaml'} is damaged", "must hold a mapping of config keys",
                   f"under 'config' in {run / STEP / 'state.json'}")
     assert snapshot(run) == before
 

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import Config, ConfigError, merge_values, parse_override, run_config_from_dict, validate
+from ..config import Config, ConfigError, merge_values, parse_override, read_config_file, run_config_from_dict, validate
 from ..model import TaskModel, build, check_compatible
 from ..model.backbone import create_backbone
 from ..runtime import checkpoint
@@ -60,10 +59,10 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
     if not path.is_file():
         raise checkpoint.CheckpointError(f"{run} has no config.yaml, so it is not a folder written by "
                                          f"`python -m smat.train`{_config_hint(run)}")
-    try:
-        values = yaml.safe_load(path.read_bytes().decode())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise _damaged_config(path, f"it is not valid YAML: {str(error).splitlines()[0]}") from None
+    try:  # the config reader's limits: UTF-8, size, anchors, duplicate keys, a mapping
+        values = read_config_file(path)
+    except ConfigError as error:
+        raise _damaged_config(path, str(error).splitlines()[0]) from None
     if not isinstance(values, dict) or not values:
         raise _damaged_config(path, f"it holds {'nothing' if not values else type(values).__name__}, not the "
                                     f"mapping of a run's config")

@@ -26,7 +26,16 @@ from torch import nn
 
 import smat_kernels
 
-from ..config import Config, ConfigError, ModelConfig, from_dict, merge_values, parse_override, validate
+from ..config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    from_dict,
+    merge_values,
+    parse_override,
+    read_config_file,
+    validate,
+)
 from ..evaluation.runs import Run, load_run
 from ..model import RoutedModel
 from ..model.backbone import create_backbone
@@ -202,10 +211,9 @@ def inference_config(path: Path) -> Config:
     if not path.is_file():
         raise checkpoint.CheckpointError(f"{path.parent} has no config.yaml; give a run folder written by "
                                          f"`python -m smat.train` or a folder written by `python -m smat.export`")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-        config = from_dict(values)
-    except (yaml.YAMLError, ConfigError) as error:
+    try:  # the config reader's limits: UTF-8, size, anchors, duplicate keys, a mapping
+        config = from_dict(read_config_file(path))
+    except (ConfigError, TypeError, ValueError, AttributeError) as error:
         raise checkpoint.CheckpointError(f"{path} was written by another version of smat or is damaged ({error}); "
                                          f"use the smat version that trained it") from None
     for text in INFERENCE_OVERRIDES:

@@ -19,6 +19,9 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         raise ConfigError(f"device={choice!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={choice!r} but {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); use one of them, or device=auto")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device={choice!r}: smat runs on cpu or cuda; use device=auto, cpu or cuda")
     return device
