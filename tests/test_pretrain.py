@@ -58,11 +58,12 @@ def test_cache_key_follows_everything_that_shapes_the_weights():
 
 
 def test_the_shipped_backbone_is_the_default_runs_and_its_hash_is_the_recorded_one():
-    from smat.training.pretrain import SHIPPED, file_sha256, shipped_record, shipped_weights
+    from smat.runtime.checkpoint import file_digest
+    from smat.training.pretrain import SHIPPED, shipped_record, shipped_weights
 
     record = shipped_record()
     assert record is not None and SHIPPED.is_file(), "smat/model/weights/ lost the shipped backbone or its record"
-    assert file_sha256(SHIPPED) == record["sha256"]
+    assert file_digest(SHIPPED) == record["sha256"]
     assert record["config_key"] == cache_key(Config()), \
         "the default settings changed: re-create the weights with the command in the record"
     assert record["command"].startswith("python -m smat.pretrain")

@@ -35,6 +35,7 @@ from ..data.builtin import CACHE_VERSION, PRETRAIN_DOMAIN, BuiltinSource
 from ..data.builtin.cache import cache_dir
 from ..data.transforms import normalize
 from ..model.backbone import create_builtin
+from ..runtime.checkpoint import file_digest
 from ..runtime.io import atomic_path, atomic_write_json
 
 SHIPPED = Path(__file__).resolve().parent.parent / "model" / "weights" / "builtin_vit.safetensors"
@@ -49,14 +50,6 @@ def cache_key(config: Config) -> str:
 
 def cached_weights(config: Config) -> Path:
     return cache_dir() / "backbones" / f"builtin-vit-{cache_key(config)}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_record() -> dict | None:
@@ -75,7 +68,7 @@ def shipped_weights(config: Config) -> Path | None:
     record = shipped_record()
     if not config.pretrain.use_shipped or record is None or record.get("config_key") != cache_key(config):
         return None
-    if not SHIPPED.is_file() or file_sha256(SHIPPED) != record.get("sha256"):
+    if not SHIPPED.is_file() or file_digest(SHIPPED) != record.get("sha256"):
         raise ConfigError(f"the shipped built-in backbone {SHIPPED} is missing or damaged (its SHA-256 is not "
                           f"{record.get('sha256')}); reinstall smat, or pre-train instead with "
                           f"pretrain.use_shipped=false")
@@ -116,7 +109,7 @@ def pretrain_to_file(config: Config, path: Path, command: str, log=None) -> dict
     isa = {True: "avx512f", False: "avx2 or older", None: "unknown"}[cpu_has_avx512()]
     record = {**summary, "seconds": seconds, "settings": vars(config.pretrain) | {"seed": config.seed},
               "command": command, "cpu": f"{cpu_name()} ({isa})", "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "sha256": file_sha256(path)}
+              "date": datetime.date.today().isoformat(), "sha256": file_digest(path)}
     atomic_write_json(path.with_suffix(".json"), record)
     return record
 
