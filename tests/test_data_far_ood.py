@@ -63,7 +63,7 @@ def test_existing_cache_files_keep_their_names():
     """ID, near-OOD, digits and pre-training keep builtin-v3's file names: a cache written before the far-OOD
     domains stays valid; the new domains carry their own tag."""
     for name in DOMAINS:
-        tag = f"-{FAR_OOD_TAG}" if name in NEW_FAR_OOD else ""
+        tag = f"-{FAR_OOD_TAG}" if name in (*NEW_FAR_OOD, "relief_patches") else ""
         assert cache_path(name, Path("/c")) == Path(f"/c/builtin-v3/{name}{tag}-{NATIVE_SIZE}px.npz")
 
 

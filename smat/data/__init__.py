@@ -8,7 +8,15 @@ Sources: :class:`ImageFolderSource` (``<root>/<domain>/<class>/<image>``),
 """
 
 from .builtin import DOMAINS as BUILTIN_DOMAINS
-from .builtin import FAR_OOD_DOMAINS, ID_DOMAINS, NEAR_OOD_DOMAINS, OOD_DOMAINS, PRETRAIN_DOMAIN, BuiltinSource
+from .builtin import (
+                      FAR_OOD_DOMAINS,
+                      FAR_OOD_VALIDATION_DOMAINS,
+                      ID_DOMAINS,
+                      NEAR_OOD_DOMAINS,
+                      OOD_DOMAINS,
+                      PRETRAIN_DOMAIN,
+                      BuiltinSource,
+)
 from .episode import EpisodeSpec, Task
 from .folder import ImageFolderSource
 from .h5 import MetaDatasetH5Source
@@ -18,7 +26,8 @@ from .source import ArrayDomain, DataError, DataNotFoundError, Domain, Source, U
 from .transforms import EvalTransform, TrainTransform, diff_augment
 
 __all__ = [
-    "BUILTIN_DOMAINS", "FAR_OOD_DOMAINS", "ID_DOMAINS", "NEAR_OOD_DOMAINS", "OOD_DOMAINS", "PRETRAIN_DOMAIN",
+    "BUILTIN_DOMAINS", "FAR_OOD_DOMAINS", "FAR_OOD_VALIDATION_DOMAINS", "ID_DOMAINS", "NEAR_OOD_DOMAINS",
+    "OOD_DOMAINS", "PRETRAIN_DOMAIN",
     "ArrayDomain", "BuiltinSource", "DataError",
     "DataNotFoundError", "Domain", "EpisodeDataset", "EpisodeLoader", "EpisodeSpec", "EvalTransform", "FixedSampler",
     "ImageFolderSource", "MetaDatasetH5Source", "MultiDomainSampler", "Source", "Task", "TrainTransform",

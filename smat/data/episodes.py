@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from .builtin import DOMAINS, ID_DOMAINS, OOD_DOMAINS, BuiltinSource
+from .builtin import DOMAINS, FAR_OOD_VALIDATION_DOMAINS, ID_DOMAINS, OOD_DOMAINS, BuiltinSource
 from .folder import ImageFolderSource, image_extensions
 from .h5 import MetaDatasetH5Source
 from .loader import EpisodeDataset, EpisodeLoader
@@ -37,7 +37,9 @@ class WithTestFolders(Source):
 def open_source(config: Config):
     data = config.data
     if data.source == "builtin":
-        source = BuiltinSource([*ID_DOMAINS, *OOD_DOMAINS])
+        # the far-OOD validation source only where a config names it (it is never a default test domain)
+        validation = [name for name in FAR_OOD_VALIDATION_DOMAINS if name in (data.test_domains or ())]
+        source = BuiltinSource([*ID_DOMAINS, *OOD_DOMAINS, *validation])
     elif data.source == "folder":
         source = ImageFolderSource(data.root, data.splits)
         _mark_test_only(source, data.test_only, f"data.root={data.root}")

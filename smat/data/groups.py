@@ -3,6 +3,8 @@
 - ``id``: a meta-training domain (tested on its test classes);
 - ``near_ood``: test classes only, drawn by a generator that also draws training data (built-in);
 - ``far_ood``: test classes only, from a source or generator that no training domain uses (built-in);
+- ``far_ood_val``: a far-OOD source kept for choosing settings, never tested by default (built-in
+  ``relief_patches``); evaluated alone, it is its own group and counts towards ``ood``;
 - ``ood``: test classes only, group not declared (image folders, ``--folder``, Meta-Dataset's test sources).
 
 Averages are taken per group, and ``ood`` also names the average over every test-only domain (near, far and
@@ -12,8 +14,8 @@ undeclared), so a source without declared groups reports ID and OOD as before.
 from __future__ import annotations
 
 GROUPS = ("id", "near_ood", "far_ood", "ood")
-OOD_GROUPS = ("near_ood", "far_ood", "ood")
-LABELS = {"id": "ID", "near_ood": "near-OOD", "far_ood": "far-OOD", "ood": "OOD"}
+OOD_GROUPS = ("near_ood", "far_ood", "far_ood_val", "ood")
+LABELS = {"id": "ID", "near_ood": "near-OOD", "far_ood": "far-OOD", "far_ood_val": "far-OOD validation", "ood": "OOD"}
 
 
 NOTE = ("Groups: ID = the meta-training domains' test classes; near-OOD = unseen classes drawn by a training "

@@ -107,9 +107,10 @@ def load_trained(model: TaskModel, folder: Path, device) -> dict:
     return state
 
 
-def load_run(run_dir: str | Path, device: torch.device | str | None = None, overrides=()) -> Run:
+def load_run(run_dir: str | Path, device: torch.device | str | None = None, overrides=(), which: str = "best") -> Run:
     """Rebuild a run's model: backbone from ``<run>/backbone.safetensors``, the method's model over it,
-    and the trained tensors of the ``best`` checkpoint. ``device=None``: the run config's device.
+    and the trained tensors of the ``best`` checkpoint (``which``: another one, 'latest' or 'step-0000120').
+    ``device=None``: the run config's device.
 
     Every file is checked before it is used: config.yaml against the config the checkpoint recorded, the
     backbone and the checkpoint's files against their recorded SHA-256, every tensor for NaN/±inf. A
@@ -117,7 +118,7 @@ def load_run(run_dir: str | Path, device: torch.device | str | None = None, over
     raises :class:`smat.runtime.checkpoint.CheckpointError` naming it and what to do."""
     run = Path(run_dir).expanduser()
     trained = read_run_config(run)
-    folder = checkpoint.resolve(run, "best")
+    folder = checkpoint.resolve(run, which)
     state = checkpoint.read_state(folder)
     checkpoint.check_config(state, trained, folder, run / "config.yaml")
     config = read_run_config(run, overrides) if overrides else trained

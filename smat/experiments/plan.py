@@ -17,6 +17,13 @@ class RunSpec:
     overrides: tuple[str, ...] = ()  # key=value, after the files and the plan's shared overrides
     tau: float | None = None  # the run's expert sparsity target, for tables and figures (masked methods)
     modes: tuple[str, ...] = ("protonet",)  # meta-test modes it is evaluated with (smat.evaluate's --mode)
+    run: str | None = None  # evaluate another spec's trained run instead of training one (default: its own)
+    checkpoint: str = "best"  # which of the run's checkpoints is evaluated ('best', 'latest', 'step-0000120')
+
+    @property
+    def folder(self) -> str:
+        """The run folder's name under the plan's root."""
+        return self.run or self.name
 
 
 @dataclass
@@ -27,12 +34,21 @@ class ExperimentPlan:
     runs: list[RunSpec]
     episodes: int  # test tasks per domain
     shared_overrides: list[str] = field(default_factory=list)  # applied to every run, before its own
+    test_domains: tuple[str, ...] | None = None  # evaluated on these instead of each run's data.test_domains
+    cache_tag: str = ""  # evaluations are cached per tag (a plan that tests other domains keeps its own cache)
 
     def __post_init__(self):
         names = [run.name for run in self.runs]
         duplicated = sorted({name for name in names if names.count(name) > 1})
         if duplicated:
             raise ValueError(f"plan {self.name!r} names runs more than once: {', '.join(duplicated)}")
+        orphans = sorted(run.name for run in self.runs if run.run is not None and run.run not in names)
+        if orphans:
+            raise ValueError(f"plan {self.name!r}: {', '.join(orphans)} evaluate a run the plan does not train")
+
+    def trained(self) -> list[RunSpec]:
+        """The specs that train a run (the others evaluate one of these)."""
+        return [run for run in self.runs if run.run is None]
 
     def overrides(self, run: RunSpec) -> list[str]:
         """The shared overrides first, then the run's own: a shared ``train.tau=…`` cannot undo a τ sweep."""
@@ -49,7 +65,7 @@ class ExperimentPlan:
 
     def check(self, paths: bool = True) -> None:
         """Validate every run's config before anything is trained."""
-        for run in self.runs:
+        for run in self.trained():
             self.config(run, paths)
 
     def steps(self, run: RunSpec) -> int:

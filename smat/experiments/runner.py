@@ -79,7 +79,7 @@ def is_trained(run: Path) -> bool:
 
 def train_run(plan: ExperimentPlan, spec: RunSpec, root: Path) -> None:
     """Train one run to its end: fresh, or resumed from its latest checkpoint."""
-    run = root / spec.name
+    run = root / spec.folder
     arguments = (["--resume", f"output={run}"] if training_state(run) is not None
                  else [*plan.arguments(spec), f"output={run}"])
     log = root / "logs" / f"{spec.name}.log"
@@ -96,9 +96,10 @@ def train_run(plan: ExperimentPlan, spec: RunSpec, root: Path) -> None:
 
 def train_plan(plan: ExperimentPlan, root: Path, log=print) -> None:
     """Train every run of the plan that has not reached its last step."""
-    missing = [spec for spec in plan.runs if not is_trained(root / spec.name)]
-    if len(missing) < len(plan.runs):
-        log(f"{len(plan.runs) - len(missing)} of {len(plan.runs)} runs already trained; skipped")
+    trained = plan.trained()
+    missing = [spec for spec in trained if not is_trained(root / spec.folder)]
+    if len(missing) < len(trained):
+        log(f"{len(trained) - len(missing)} of {len(trained)} runs already trained; skipped")
     with tqdm(missing, desc=f"{plan.name}: train", unit="run", dynamic_ncols=True) as progress:
         for spec in progress:
             progress.set_postfix_str(spec.name)
@@ -119,20 +120,27 @@ def alpha_by_domain(run, datasets: dict) -> dict:
 
 def evaluate_run(plan: ExperimentPlan, spec: RunSpec, root: Path, device, progress=None,
                  mode: str = "protonet") -> RunResult:
-    """Accuracy of one run's best checkpoint under ``mode`` on ``plan.episodes`` test tasks per domain (cached)."""
-    path = root / spec.name
+    """Accuracy of one run's checkpoint (``spec.checkpoint``, default the best) under ``mode`` on
+    ``plan.episodes`` test tasks per domain (of ``plan.test_domains``, default the run's); cached."""
+    path = root / spec.folder
     state = training_state(path) or {}
     # "groups": evaluations cached before the test domains had groups (and the far-OOD domains) are redone
-    key = {"episodes": plan.episodes, "step": state.get("step"), "best": checkpoint.resolve(path, "best").name,
-           "groups": 1}
-    cache = path / (CACHE if mode == "protonet" else CACHE.replace(".json", f"_{mode}.json"))
+    key = {"episodes": plan.episodes, "step": state.get("step"),
+           "best": checkpoint.resolve(path, spec.checkpoint).name, "groups": 1}
+    overrides = [f"evaluate.episodes={plan.episodes}"]
+    if plan.test_domains is not None:
+        key["domains"] = list(plan.test_domains)
+        overrides.append(f"data.test_domains={list(plan.test_domains)!r}")
+    suffix = "".join(f"_{part}" for part in (mode if mode != "protonet" else "", plan.cache_tag,
+                                               spec.checkpoint if spec.checkpoint != "best" else "") if part)
+    cache = path / CACHE.replace(".json", f"{suffix}.json")
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             if progress is not None:
                 progress.update(sum(len(d["accuracies"]) for d in stored["domains"].values()))
             return RunResult(spec, path, **{k: v for k, v in stored.items() if k != "key"}, mode=mode)
-    run = load_run(path, device, [f"evaluate.episodes={plan.episodes}"])
+    run = load_run(path, device, overrides, spec.checkpoint)
     options = AdaptConfig()
     evaluation = plan_run(run, [mode], options)
     results, _ = evaluate_mode(evaluation, mode, options, progress)

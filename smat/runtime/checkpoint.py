@@ -168,7 +168,8 @@ def pointed(run: Path, which: str) -> Path | None:
 
 
 def resolve(path: Path, which: str = "latest") -> Path:
-    """A checkpoint folder from a run folder (its ``latest`` or ``best``), or a checkpoint folder itself.
+    """A checkpoint folder from a run folder (its ``latest`` or ``best``, or a step folder's name such as
+    ``step-0000120``), or a checkpoint folder itself.
 
     A pointer that is missing, damaged or names no complete checkpoint (a kill between a checkpoint's
     rename and its pointer's write, a lost file) is recovered from the complete step folders, with a
@@ -176,6 +177,13 @@ def resolve(path: Path, which: str = "latest") -> Path:
     path = Path(path).expanduser()
     if (path / STATE).is_file():
         return path
+    if which not in ("latest", "best"):  # a step folder by name
+        folder = checkpoint_dir(path) / which
+        if (folder / STATE).is_file():
+            return folder
+        kept = ", ".join(p.name for p in steps(path)) or "none"
+        raise CheckpointError(f"{path} has no complete checkpoint {which!r} (complete ones: {kept}); name one of "
+                              f"them, 'best' or 'latest'")
     folder = pointed(path, which)
     if folder is not None:
         return folder

@@ -17,6 +17,10 @@ Every test domain's group is part of its definition (:data:`GROUPS`):
 - ``far_ood``: a source or generator that no training domain uses: real
   handwriting and photographs, typefaces, renderers and colour schemes never
   seen in training (:mod:`.far_ood`).
+
+One more domain is no test domain: ``relief_patches`` (group ``far_ood_val``), a real source that neither
+training nor testing uses, on which settings that must hold far from the training data may be chosen
+(``python -m smat.far_ood``). Runs are not tested on it unless ``data.test_domains`` names it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ from ..source import ArrayDomain, Source
 from . import glyphs
 from .cache import cache_dir, load_arrays, save_arrays
 from .digits import generate_digits
-from .far_ood import generate_cm_outline, generate_lowres_inverted, generate_photo_patches, generate_scan_patches
+from .far_ood import (
+    generate_cm_outline,
+    generate_lowres_inverted,
+    generate_photo_patches,
+    generate_relief_patches,
+    generate_scan_patches,
+)
 from .pretrain_families import generate_pretrain_procedural
 from .shapes import generate_shapes, generate_textures
 
@@ -58,20 +68,22 @@ FAR_OOD_TAG = "far2"  # far1: a development version of these domains, never rele
 
 # A test domain's group: who drew it, relative to the training data (see the module docstring).
 GROUPS = ("id", "near_ood", "far_ood")
+VALIDATION_GROUP = "far_ood_val"  # a far-OOD source for choosing settings, never a test domain
 
 
 @dataclass(frozen=True)
 class BuiltinDomain:
     name: str
-    group: str  # 'id', 'near_ood', 'far_ood' (test domains) or 'pretrain'
+    group: str  # 'id', 'near_ood', 'far_ood' (test domains), 'far_ood_val' (validation only) or 'pretrain'
     description: str
     generate: Callable[[int, int], tuple[np.ndarray, np.ndarray, list[str]]]  # (size, seed) → arrays
     cache_tag: str = ""  # part of the cache file's name (bumped when this domain's generation changes)
 
     @property
     def role(self) -> str:
-        """'id' (meta-trained on), 'ood' (tested only: near- or far-OOD) or 'pretrain'."""
-        return "ood" if self.group in ("near_ood", "far_ood") else self.group
+        """'id' (meta-trained on), 'ood' (never trained on: near- or far-OOD, or far-OOD validation) or
+        'pretrain'."""
+        return "ood" if self.group in ("near_ood", "far_ood", VALIDATION_GROUP) else self.group
 
 
 def _glyph_domain(name: str, max_classes: int | None = None, per_class: int = GLYPHS_PER_CLASS):
@@ -123,6 +135,9 @@ DOMAINS: dict[str, BuiltinDomain] = {d.name: d for d in (
     BuiltinDomain("lowres_inverted", "far_ood", "digits and signs in Pillow's fonts, light on dark, low "
                   "resolution, blur and noise", lambda size, seed: generate_lowres_inverted(
                       FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
+    BuiltinDomain("relief_patches", VALIDATION_GROUP, "regions of a real colour-relief map of a coast and its "
+                  "sea floor (matplotlib's topobathy), random crops; for validation only",
+                  lambda size, seed: generate_relief_patches(FAR_OOD_PER_CLASS, size, seed), FAR_OOD_TAG),
     BuiltinDomain("pretrain", "pretrain", "Canadian syllabics, IPA, geometric shapes, symbols, dingbats, "
                   "box drawing, Lisu, Tifinagh, N'Ko; random blobs, scribbles, wave mixtures, band-pass noise",
                   _pretrain_domain),
@@ -131,6 +146,7 @@ ID_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "id")
 NEAR_OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "near_ood")
 FAR_OOD_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == "far_ood")
 OOD_DOMAINS = NEAR_OOD_DOMAINS + FAR_OOD_DOMAINS
+FAR_OOD_VALIDATION_DOMAINS = tuple(name for name, d in DOMAINS.items() if d.group == VALIDATION_GROUP)
 PRETRAIN_DOMAIN = "pretrain"
 
 

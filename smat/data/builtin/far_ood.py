@@ -160,6 +160,57 @@ def generate_photo_patches(per_class: int, size: int, seed: int):
     return np.stack(images), np.repeat(np.arange(len(names)), per_class), names
 
 
+# ---------------------------------------------------------------- the far-OOD validation source
+
+# (class name, box (left, top, right, bottom) in the relief map's pixels, RELIEF_SCALE × the grid)
+RELIEF_REGIONS: tuple[tuple[str, tuple[int, int, int, int]], ...] = (
+    ("deep basin", (0, 0, 64, 64)),
+    ("northern shore", (160, 0, 330, 52)),
+    ("island ridges", (180, 80, 285, 165)),
+    ("open strait", (60, 100, 170, 175)),
+    ("eastern open water", (330, 60, 460, 140)),
+    ("diagonal channel", (200, 200, 330, 262)),
+    ("western hills", (0, 180, 120, 280)),
+    ("eastern ranges", (400, 180, 480, 300)),
+    ("southern peaks", (240, 290, 400, 364)),
+    ("south-western valleys", (0, 290, 120, 364)),
+)
+RELIEF_SCALE = 4
+
+
+@functools.cache
+def relief_map() -> np.ndarray:
+    """matplotlib's ``topobathy.npz`` (measured topography and bathymetry of a coast, 91 × 120), coloured by
+    height (sea blue, land green to white) and shaded by matplotlib's ``LightSource``, enlarged RELIEF_SCALE×:
+    uint8 H×W×3."""
+    height = matplotlib.cbook.get_sample_data("topobathy.npz")["topo"].astype(np.float64)
+    # 'terrain' is blue below 0.2 and land colours above: the sea floor (to −1500 m) gets [0, 0.2], land [0.2, 1]
+    level = np.where(height < 0, 0.2 * (1 + np.maximum(height, -1500) / 1500), 0.2 + 0.8 * np.minimum(height, 2300)
+                     / 2300)
+    colours = matplotlib.colormaps["terrain"](level)[..., :3]
+    shaded = matplotlib.colors.LightSource(azdeg=315, altdeg=45).shade_rgb(
+        colours, height, blend_mode="overlay", vert_exag=0.05, dx=100, dy=100)
+    picture = Image.fromarray(np.round(255 * shaded[..., :3]).astype(np.uint8))
+    return np.asarray(picture.resize((RELIEF_SCALE * height.shape[1], RELIEF_SCALE * height.shape[0]),
+                                     Image.BICUBIC))
+
+
+def generate_relief_patches(per_class: int, size: int, seed: int):
+    """images uint8 [C·per_class, size, size, 3], labels, class names 'relief: <region>'.
+
+    The far-OOD *validation* source: settings may be chosen on it, so it is never a test domain. It is real
+    measured data (a coastline's terrain and sea floor) in a colour-relief rendering, a source and a renderer
+    that neither a training domain nor a far-OOD test domain uses (``scan_patches``' terrain is another place,
+    hill-shaded in grey)."""
+    rng = np.random.default_rng(seed)
+    picture = _padded(relief_map())
+    images, names = [], []
+    for region, box in RELIEF_REGIONS:
+        names.append(f"relief: {region}")
+        images.extend(_photo_crop(picture, box, rng, size) for _ in range(per_class))
+    return np.stack(images), np.repeat(np.arange(len(names)), per_class), names
+
+
 # ---------------------------------------------------------------- typefaces never used in training
 
 # Digits and ASCII signs whose glyph is the same sign in every font below (Computer Modern's OT1 encoding puts
