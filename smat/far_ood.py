@@ -13,11 +13,14 @@ most ``ID_TOLERANCE`` points below the base run's, the one with the highest far-
 every run is tested on the study's tasks (ID, near-OOD and far-OOD test domains, the same tasks as the study),
 paired against the pre-trained backbone, and the chosen candidate against PMF.
 
-    python -m smat.far_ood [--output runs/study] [--episodes N] [--device cpu] [key=value ...]
+    python -m smat.far_ood [--output runs/far_ood] [--episodes N] [--device cpu] [key=value ...]
 
-It shares its output folder with ``python -m smat.study``: the study's runs are reused (not retrained) and
-the candidates are trained next to them. It writes ``<output>/far_ood/``: ``validation.md``, ``test.md``,
-``summary.json`` and ``validation.png`` (ID against far-OOD validation accuracy per candidate).
+Every run starts from the built-in settings as they were before this experiment (``STARTING_POINT``: crops of
+scale 0.85–1, no colour jitter), written out, so that its result does not move with the default it led to
+(the built-in default now has the chosen augmentations). Runs of the same names and settings already in the
+output folder (a study trained with those settings) are reused; a run there with other settings is an error,
+never silently reused. It writes ``<output>/far_ood/``: ``validation.md``, ``test.md``, ``summary.json`` and
+``validation.png`` (ID against far-OOD validation accuracy per candidate).
 """
 
 from __future__ import annotations
@@ -46,16 +49,20 @@ ID_TOLERANCE = 1.0  # points of ID validation accuracy a candidate may give up f
 EPISODES = 300
 VALIDATION_GROUP = "far_ood_val"
 
-# (name, what changes, overrides or configs): one setting each, from the study's chosen run
+# The experiment's starting point: the built-in settings before it (gentle crops, no jitter), written out so
+# that the experiment does not move with the defaults it changed. Every run starts from them.
+STARTING_POINT = ("data.train_jitter=0.0", "data.train_crop_scale=[0.85,1.0]")
+AUGMENTATIONS = ("data.train_jitter=0.4", "data.train_crop_scale=[0.5,1.0]")  # the paper's jitter, wider crops
+# (name, what changes, overrides): one setting each, from the study's chosen run
 CANDIDATES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("smat_lr3e-3", "θ_δ learning rate 3e-3 (base 1e-2)", ("train.delta_lr=3e-3",)),
     ("smat_lr1e-3", "θ_δ learning rate 1e-3", ("train.delta_lr=1e-3",)),
-    ("smat_aug", "the paper's colour jitter 0.4 and wider crops (scale 0.5–1)",
-     ("data.train_jitter=0.4", "data.train_crop_scale=[0.5,1.0]")),
+    ("smat_aug", "the paper's colour jitter 0.4 and wider crops (scale 0.5–1)", AUGMENTATIONS),
     ("smat_nokd", "no dense teacher (query cross-entropy only, no KD target)", ("train.teacher_steps=0",)),
-    ("smat_lr1e-3_aug", "θ_δ learning rate 1e-3 and the wider augmentations",
-     ("train.delta_lr=1e-3", "data.train_jitter=0.4", "data.train_crop_scale=[0.5,1.0]")),
+    ("smat_lr1e-3_aug", "θ_δ learning rate 1e-3 and the wider augmentations", ("train.delta_lr=1e-3", *AUGMENTATIONS)),
 )
+PMF_AUG = "pmf_aug"  # a reference, not a candidate
+REAL_SOURCES = ("digits", "photo_patches", "scan_patches")  # the far-OOD test domains of real images
 
 
 def far_ood_plan(episodes: int, overrides: list[str], validation: bool) -> ExperimentPlan:
@@ -63,7 +70,7 @@ def far_ood_plan(episodes: int, overrides: list[str], validation: bool) -> Exper
     ``validation``: tested on the far-OOD validation source instead of the test domains."""
     base = RunSpec(BASE, "smat", overrides=(f"train.tau={BASE_TAU}",), tau=BASE_TAU)
     runs = [RunSpec("pretrained", "pretrained"), RunSpec("pmf", "pmf"), RunSpec("softmerge", "softmerge"), base]
-    train = ExperimentPlan("base", [base], episodes, list(overrides)).config(base, paths=False).train
+    train = ExperimentPlan("base", [base], episodes, [*STARTING_POINT, *overrides]).config(base, paths=False).train
     if train.epochs > 1:  # the checkpoint validation wrote after the first epoch: fewer steps, same run
         first = max(1, train.tasks_per_epoch // train.meta_batch)
         runs.append(RunSpec(f"{BASE}_epoch1", "smat", overrides=base.overrides, tau=BASE_TAU, run=BASE,
@@ -71,10 +78,13 @@ def far_ood_plan(episodes: int, overrides: list[str], validation: bool) -> Exper
     runs.append(RunSpec("smat_tau0.99", "smat", overrides=("train.tau=0.99",), tau=0.99))
     runs += [RunSpec(name, "smat", overrides=(f"train.tau={BASE_TAU}", *extra), tau=BASE_TAU)
              for name, _, extra in CANDIDATES]
+    # PMF under the wider augmentations too, so that SMAT − PMF compares like with like
+    runs.append(RunSpec(PMF_AUG, "pmf", overrides=AUGMENTATIONS))
+    shared = [*STARTING_POINT, *overrides]
     if validation:
-        return ExperimentPlan("far-OOD validation", runs, episodes, list(overrides),
-                              test_domains=FAR_OOD_VALIDATION_DOMAINS, cache_tag="far_ood_val")
-    return ExperimentPlan("far-OOD test", runs, episodes, list(overrides))
+        return ExperimentPlan("far-OOD validation", runs, episodes, shared, test_domains=FAR_OOD_VALIDATION_DOMAINS,
+                              cache_tag="far_ood_val")
+    return ExperimentPlan("far-OOD test", runs, episodes, shared)
 
 
 def describe(name: str) -> str:
@@ -82,7 +92,8 @@ def describe(name: str) -> str:
     changes.update({BASE: "the study's chosen SMAT (base)",
                     f"{BASE}_epoch1": "the base's checkpoint after its first epoch (half the steps)",
                     "smat_tau0.99": "τ = 0.99 (sparser experts)", "pretrained": "the backbone, no meta-tuning",
-                    "pmf": "PMF (dense meta-tuning)", "softmerge": "SoftMerge (dense experts, merged)"})
+                    "pmf": "PMF (dense meta-tuning)", "softmerge": "SoftMerge (dense experts, merged)",
+                    PMF_AUG: "PMF with the wider augmentations (reference)"})
     return changes.get(name, name)
 
 
@@ -114,17 +125,26 @@ def validation_table(results: list[RunResult], chosen: RunResult, eligible: list
 
 def test_table(results: list[RunResult], chosen_name: str) -> list[str]:
     pretrained = next(r for r in results if r.spec.method == "pretrained")
-    pmf = next(r for r in results if r.spec.method == "pmf")
     groups = ("id", "near_ood", "far_ood")
-    rows = ["| run | " + " | ".join(f"{label(g)} − pre-trained" for g in groups) + " | far-OOD − PMF |",
-            "|---|" + "---|" * (len(groups) + 1)]
+    rows = ["| run | " + " | ".join(f"{label(g)} − pre-trained" for g in groups)
+            + " | real far-OOD sources − pre-trained | far-OOD − PMF (same augmentations) |",
+            "|---|" + "---|" * (len(groups) + 2)]
     for r in results:
         if r is pretrained:
             continue
         name = f"**{r.spec.name}** (chosen)" if r.spec.name == chosen_name else r.spec.name
         cells = [cell(*paired_difference(r, pretrained, g)) for g in groups]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {cell(*paired_difference(r, pmf, 'far_ood'))} |")
+        pmf = matching_pmf(results, r)
+        versus = "—" if pmf is r else cell(*paired_difference(r, pmf, "far_ood"))
+        real = cell(*paired_difference(r, pretrained, "far_ood", REAL_SOURCES))
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {real} | {versus} |")
     return rows
+
+
+def matching_pmf(results: list[RunResult], run: RunResult) -> RunResult:
+    """The PMF run trained with the same augmentations as ``run``."""
+    augmented = all(o in run.spec.overrides for o in AUGMENTATIONS)
+    return next(r for r in results if r.spec.name == (PMF_AUG if augmented else "pmf"))
 
 
 def plot(results: list[RunResult], chosen: RunResult, path) -> None:
@@ -166,7 +186,6 @@ def run_far_ood(args, log=print) -> dict:
         f"Chosen on validation: **{chosen.spec.name}** ({describe(chosen.spec.name)}).", "",
         *test_table(tested, chosen.spec.name), ""]))
     pretrained = next(r for r in tested if r.spec.method == "pretrained")
-    pmf = next(r for r in tested if r.spec.method == "pmf")
     summary = {"episodes": args.episodes, "chosen": chosen.spec.name, "rule": {"id_tolerance": ID_TOLERANCE},
                "runs": {}}
     for v, t in zip(validation, tested):
@@ -175,8 +194,10 @@ def run_far_ood(args, log=print) -> dict:
             "id_validation": 100 * v.val_accuracy, "far_ood_validation": v.average(VALIDATION_GROUP),
             "eligible": v in eligible,
             "test": {g: t.average(g) for g in ("id", "near_ood", "far_ood")},
+            "real_sources_minus_pretrained": paired_difference(t, pretrained, "far_ood", REAL_SOURCES),
             "test_minus_pretrained": {g: paired_difference(t, pretrained, g) for g in ("id", "near_ood", "far_ood")},
-            "far_ood_minus_pmf": paired_difference(t, pmf, "far_ood"),
+            "minus_pmf_same_augmentations": {g: paired_difference(t, matching_pmf(tested, t), g)
+                                             for g in ("id", "near_ood", "far_ood")},
             "per_domain": {name: 100 * sum(d["accuracies"]) / len(d["accuracies"]) for name, d in t.domains.items()},
         }
     atomic_write_json(out / "summary.json", summary)
@@ -188,8 +209,8 @@ def run_far_ood(args, log=print) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m smat.far_ood", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="runs/study", help="the study's folder (its runs are reused; default "
-                        "runs/study)")
+    parser.add_argument("--output", default="runs/far_ood", help="folder of the runs and results (runs of the same "
+                        "settings there are reused; default runs/far_ood)")
     parser.add_argument("--episodes", type=count_flag(2), default=EPISODES, metavar="N",
                         help=f"validation and test tasks per domain (default {EPISODES})")
     parser.add_argument("--device", type=device_flag, help="where evaluation runs (default: each run's device)")

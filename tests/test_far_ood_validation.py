@@ -20,7 +20,17 @@ from smat.data import FAR_OOD_DOMAINS, FAR_OOD_VALIDATION_DOMAINS, ID_DOMAINS, O
 from smat.data.builtin import DOMAINS, NATIVE_SIZE, class_splits, domain_seed, far_ood
 from smat.data.groups import in_group, label
 from smat.experiments import ExperimentPlan, RunResult, RunSpec
-from smat.far_ood import BASE, CANDIDATES, ID_TOLERANCE, choose, far_ood_plan
+from smat.far_ood import (
+    AUGMENTATIONS,
+    BASE,
+    CANDIDATES,
+    ID_TOLERANCE,
+    PMF_AUG,
+    REAL_SOURCES,
+    STARTING_POINT,
+    choose,
+    far_ood_plan,
+)
 from smat.model.backbone import create_builtin
 from smat.runtime import checkpoint
 
@@ -117,6 +127,13 @@ def test_the_plan_changes_one_setting_per_candidate():
     assert validation.cache_tag and not test.cache_tag
     names = [r.name for r in validation.runs]
     assert names[:4] == ["pretrained", "pmf", "softmerge", BASE] and f"{BASE}_epoch1" in names
+    # every run starts from the written-out settings, not from the defaults the experiment changed
+    assert validation.shared_overrides[:len(STARTING_POINT)] == list(STARTING_POINT)
+    assert validation.config(validation.runs[3], paths=False).data.train_jitter == 0.0
+    pmf_aug = next(r for r in validation.runs if r.name == PMF_AUG)
+    assert pmf_aug.method == "pmf" and pmf_aug.overrides == AUGMENTATIONS
+    assert validation.config(pmf_aug, paths=False).data.train_jitter == 0.4
+    assert set(REAL_SOURCES) <= set(FAR_OOD_DOMAINS)
     for name, _, extra in CANDIDATES:
         spec = next(r for r in validation.runs if r.name == name)
         assert spec.overrides == (f"train.tau={spec.tau}", *extra)
@@ -152,4 +169,10 @@ def test_far_ood_end_to_end_and_resume(tmp_path):
     assert "**chosen**" in (out / "validation.md").read_text()
     second = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "10 of 10 runs already trained" in second.stdout
+    assert "11 of 11 runs already trained" in second.stdout
+    # a study into the same folder would reuse runs trained with other settings (the experiment's starting
+    # point, not the defaults): refused before anything is trained
+    study = subprocess.run([sys.executable, "-m", "smat.study", "--quick", "--episodes", "3", "--output", str(output),
+                            "--device", "cpu", *TINY, f"model.weights={weights}"], capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path)
+    assert study.returncode == 2 and "trained with other settings" in study.stderr, study.stderr[-2000:]

@@ -34,12 +34,12 @@ class Claim:
     group: str = ""  # the OOD group a claim is judged on ('near_ood', 'far_ood', 'ood'); '' for the others
 
 
-def paired_difference(a: RunResult, b: RunResult, group: str) -> tuple[float, float]:
+def paired_difference(a: RunResult, b: RunResult, group: str, domains=None) -> tuple[float, float]:
     """(mean, 95% half-width) in points of a's minus b's average accuracy over the domains of ``group``
-    ('id', 'near_ood', 'far_ood'; 'ood': every test-only domain)."""
+    ('id', 'near_ood', 'far_ood'; 'ood': every test-only domain), or over the named ``domains``."""
     means, variances = [], []
     for name, domain in a.domains.items():
-        if not in_group(record_group(domain), group):
+        if (name not in domains) if domains is not None else not in_group(record_group(domain), group):
             continue
         diff = 100 * (np.asarray(domain["accuracies"]) - np.asarray(b.domains[name]["accuracies"]))
         means.append(diff.mean())

@@ -94,9 +94,28 @@ def train_run(plan: ExperimentPlan, spec: RunSpec, root: Path) -> None:
         raise ExperimentError(f"training run {spec.name} failed (exit {code}); its log is {log}:\n{tail}")
 
 
+def check_reused(plan: ExperimentPlan, spec: RunSpec, root: Path) -> None:
+    """A run already in the folder is reused only if it was trained with the config the plan would train: a run
+    of the same name with other settings (another study's, older defaults) is an ExperimentError."""
+    run = root / spec.folder
+    recorded = (training_state(run) or {}).get("config")
+    if not isinstance(recorded, dict):
+        return
+    expected = checkpoint.config_record(plan.config(spec, paths=False))
+    differing = [f"{key}: {value!r} in the run, {expected.get(key)!r} in the plan" for key, value in recorded.items()
+                 if key != "output" and expected.get(key, value) != value]
+    if differing:
+        raise ExperimentError(f"{run} holds a run trained with other settings than the plan's {spec.name} "
+                              f"({'; '.join(differing[:3])}{' …' if len(differing) > 3 else ''}); give another "
+                              f"--output folder, or move that run away")
+
+
 def train_plan(plan: ExperimentPlan, root: Path, log=print) -> None:
-    """Train every run of the plan that has not reached its last step."""
+    """Train every run of the plan that has not reached its last step (after checking that the runs already
+    there were trained with the plan's settings)."""
     trained = plan.trained()
+    for spec in trained:
+        check_reused(plan, spec, root)
     missing = [spec for spec in trained if not is_trained(root / spec.folder)]
     if len(missing) < len(trained):
         log(f"{len(trained) - len(missing)} of {len(trained)} runs already trained; skipped")
