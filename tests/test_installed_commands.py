@@ -19,7 +19,7 @@ from smat.config import PACKAGE_CONFIGS, ConfigError, bundled_configs, find_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIS = ("smat.train", "smat.evaluate", "smat.predict", "smat.export", "smat.analyze", "smat.study",
-        "smat.reproduce")
+        "smat.far_ood", "smat.reproduce")
 
 
 # ---------------------------------------------------------------- configs as package data
@@ -143,6 +143,8 @@ BAD_FLAGS = [
     ("smat.study", ["--device", "bogus"], "argument --device"),
     ("smat.study", ["--episodes", "1"], "argument --episodes: must be an integer from 2"),
     ("smat.study", ["--step-seconds", "-1"], "argument --step-seconds"),
+    ("smat.far_ood", ["--device", "bogus"], "argument --device"),
+    ("smat.far_ood", ["--episodes", "1"], "argument --episodes: must be an integer from 2"),
     ("smat.reproduce", ["table1", "--dry-run", "--step-seconds", "nan"], "argument --step-seconds"),
     ("smat.reproduce", ["table1", "--dry-run", "--measure-steps", "0"], "argument --measure-steps"),
     ("smat.reproduce", ["table1", "--device", "bogus", "--dry-run"], "argument --device"),

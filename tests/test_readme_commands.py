@@ -70,7 +70,7 @@ def test_the_readme_shows_the_main_commands():
 
 def test_the_docs_show_every_cli():
     documented = {module for _, module, _ in COMMANDS}
-    assert {"smat.train", "smat.evaluate", "smat.analyze", "smat.predict", "smat.export", "smat.study",
+    assert {"smat.train", "smat.evaluate", "smat.analyze", "smat.predict", "smat.export", "smat.study", "smat.far_ood",
             "smat.reproduce", "smat.data"} <= documented
     assert ("smat.evaluate", ["--checkpoint", "runs/builtin", "--mode", "full", "lora", "adapt.steps=20",
                               "adapt.lr_grid=[0,1e-4,1e-3]"]) in [(m, a) for _, m, a in COMMANDS]
