@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import count_flag, device_flag  # noqa: E402
 from .data import FAR_OOD_VALIDATION_DOMAINS  # noqa: E402
+from .data.builtin import VALIDATION_GROUP  # noqa: E402
 from .data.groups import label  # noqa: E402
 from .experiments import ExperimentPlan, RunSpec, evaluate_plan, train_plan  # noqa: E402
 from .experiments.claims import paired_difference  # noqa: E402
@@ -47,7 +48,6 @@ BASE_TAU = 0.5  # the study's SMAT chosen on ID validation (docs/results/builtin
 BASE = f"smat_tau{BASE_TAU:g}"
 ID_TOLERANCE = 1.0  # points of ID validation accuracy a candidate may give up for far-OOD validation accuracy
 EPISODES = 300
-VALIDATION_GROUP = "far_ood_val"
 
 # The experiment's starting point: the built-in settings before it (gentle crops, no jitter), written out so
 # that the experiment does not move with the defaults it changed. Every run starts from them.
