@@ -252,6 +252,21 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """{dotted key: value} of every leaf, e.g. ``{"train.tau": 0.9, ...}``."""
+        return flatten_keys(self.to_dict())
+
+
+def flatten_keys(values: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: leaf value}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
 
 # --------------------------------------------------------------------------
 # reading and overriding

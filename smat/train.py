@@ -162,19 +162,9 @@ def resumed_config(args, requested: Config, run: Path) -> Config:
 
 def differences(before: Config, after: Config) -> dict[str, tuple]:
     """{dotted key: (before, after)} of every value that differs."""
-    flat_before, flat_after = _flatten(before.to_dict()), _flatten(after.to_dict())
+    flat_before, flat_after = before.flat(), after.flat()
     return {key: (flat_before.get(key), flat_after.get(key)) for key in sorted(flat_before.keys() | flat_after)
             if flat_before.get(key) != flat_after.get(key)}
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def train(config: Config, run: Path, device: torch.device, world: distributed.World, log=print,

@@ -22,33 +22,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_runs import TIMEOUT, TINY, cli, default_sigint, needs_mounts, snapshot, the_error
+from test_runs import TIMEOUT, TINY, cli, copy_run, default_sigint, needs_mounts, snapshot, the_error, train_tiny_run
 
 from smat import export as export_cli
-from smat.config import load_config
 from smat.evaluation.runs import load_run
 from smat.runtime import checkpoint, io
 from smat.runtime.io import OutputError
 from smat.runtime.lock import RunLock
-from smat.train import main
 from smat.training import Trainer, TrainingError
-from smat.training.pretrain import pretrained_builtin
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished tiny run (2 steps, one checkpoint)."""
-    pretrained_builtin(load_config(None, ["pretrain.epochs=1"]), log=lambda *args: None)
-    run = tmp_path_factory.mktemp("runs") / "trained"
-    assert main([*TINY, "train.epochs=1", "--skip-eval", f"output={run}"]) == 0
-    return run
+    """A finished tiny run at the default τ."""
+    return train_tiny_run(tmp_path_factory)
 
 
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+    return copy_run(trained, tmp_path)
 
 
 STEP = "checkpoints/step-0000002"

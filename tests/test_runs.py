@@ -36,21 +36,30 @@ TINY = ["pretrain.epochs=1", "device=cpu", "train.tasks_per_epoch=8", "train.val
 TIMEOUT = 600
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A finished tiny run (2 steps, τ = 0.5, one checkpoint), trained with the built-in backbone that
+def train_tiny_run(tmp_path_factory, *overrides: str) -> Path:
+    """A finished tiny run (2 steps, one checkpoint), trained in this process with the built-in backbone that
     tests/test_train.py pre-trains into the cache."""
     pretrained_builtin(load_config(None, ["pretrain.epochs=1"]), log=lambda *args: None)
     run = tmp_path_factory.mktemp("runs") / "trained"
-    assert main([*TINY, "train.epochs=1", "train.tau=0.5", "--skip-eval", f"output={run}"]) == 0
+    assert main([*TINY, "train.epochs=1", *overrides, "--skip-eval", f"output={run}"]) == 0
     return run
+
+
+def copy_run(trained: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished tiny run at τ = 0.5."""
+    return train_tiny_run(tmp_path_factory, "train.tau=0.5")
 
 
 @pytest.fixture
 def run(trained, tmp_path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+    return copy_run(trained, tmp_path)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

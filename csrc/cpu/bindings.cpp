@@ -13,32 +13,13 @@
 #include "isa.h"
 #include "merge.h"
 #include "pack.h"
-
-// Written by setup.py into the build folder: the compiler and flags of this
-// build. A build by other means reports them as unknown.
-#if __has_include("smat_build_info.h")
-#include "smat_build_info.h"
-#else
-#define SMAT_BUILD_COMPILER "unknown"
-#define SMAT_BUILD_FLAGS "unknown"
-#define SMAT_BUILD_TARGET "unknown"
-#endif
+#include "smat/bindings_common.h"
 
 namespace py = pybind11;
+using smat::bindings::as_pointer;
+using smat::bindings::merge_args;
 
 namespace {
-
-template <typename T>
-T* as_pointer(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-smat::cpu::MergeArgs merge_args(uintptr_t log_alpha, uintptr_t alpha, int64_t batch, int64_t n, int64_t num_experts,
-                                int dtype, int mode, uint64_t seed, uint64_t offset, float beta, float gamma,
-                                float zeta) {
-  return smat::cpu::MergeArgs{as_pointer<const float>(log_alpha), as_pointer<const float>(alpha), batch, n, num_experts,
-                              dtype, mode, seed, offset, beta, gamma, zeta};
-}
 
 const char* vector_instructions() {
 #if defined(__AVX512F__)
@@ -55,11 +36,8 @@ const char* vector_instructions() {
 PYBIND11_MODULE(_cpu, module) {
   module.doc() = "SMAT CPU kernels (OpenMP). Called by smat_kernels; not a public API.";
 
-  py::dict build_info;
-  build_info["compiler"] = SMAT_BUILD_COMPILER;
+  py::dict build_info = smat::bindings::build_info();
   build_info["compiler_version"] = __VERSION__;
-  build_info["flags"] = SMAT_BUILD_FLAGS;
-  build_info["target"] = SMAT_BUILD_TARGET;
   build_info["vector_instructions"] = vector_instructions();
   build_info["openmp"] = _OPENMP;
   module.attr("build_info") = build_info;

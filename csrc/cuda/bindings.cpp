@@ -10,53 +10,16 @@
 #include "merge.h"
 #include "pack.h"
 #include "runtime_info.h"
-
-// Written by setup.py into the build folder: nvcc, its flags and the SM
-// architectures of this build. A build by other means reports them as unknown.
-#if __has_include("smat_build_info.h")
-#include "smat_build_info.h"
-#else
-#define SMAT_BUILD_COMPILER "unknown"
-#define SMAT_BUILD_FLAGS "unknown"
-#define SMAT_BUILD_TARGET "unknown"
-#endif
+#include "smat/bindings_common.h"
 
 namespace py = pybind11;
-
-namespace {
-
-template <typename T>
-T* as_pointer(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-smat::cuda::MergeArgs merge_args(uintptr_t log_alpha, uintptr_t alpha, int64_t batch, int64_t n, int64_t num_experts,
-                                 int dtype, int mode, uint64_t seed, uint64_t offset, float beta, float gamma,
-                                 float zeta, uintptr_t stream) {
-  return smat::cuda::MergeArgs{as_pointer<const float>(log_alpha),
-                               as_pointer<const float>(alpha),
-                               batch,
-                               n,
-                               num_experts,
-                               dtype,
-                               mode,
-                               seed,
-                               offset,
-                               beta,
-                               gamma,
-                               zeta,
-                               stream};
-}
-
-}  // namespace
+using smat::bindings::as_pointer;
+using smat::bindings::merge_args;
 
 PYBIND11_MODULE(_cuda, module) {
   module.doc() = "SMAT CUDA kernels. Called by smat_kernels; not a public API.";
 
-  py::dict build_info;
-  build_info["compiler"] = SMAT_BUILD_COMPILER;
-  build_info["flags"] = SMAT_BUILD_FLAGS;
-  build_info["target"] = SMAT_BUILD_TARGET;
+  py::dict build_info = smat::bindings::build_info();
   build_info["host_compiler_version"] = __VERSION__;
   module.attr("build_info") = build_info;
   module.def("runtime_version", &smat::cuda::runtime_version,

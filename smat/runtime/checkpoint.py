@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import Config
+from ..config import Config, flatten_keys
 from .io import OutputError, atomic_directory, atomic_path, atomic_write_text, current_umask, describe_os_error
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -96,7 +96,7 @@ def save(run: Path, step: int, tensors: dict[str, torch.Tensor], optimizer_state
 def config_record(config: Config) -> dict:
     """{dotted key: value} of everything in ``config`` that a resume may not change: a checkpoint's state.json
     keeps it, so that a config.yaml that was damaged, truncated or replaced is noticed when the run is read."""
-    flat = _flatten(json.loads(json.dumps(config.to_dict())))
+    flat = flatten_keys(json.loads(json.dumps(config.to_dict())))
     return {key: value for key, value in flat.items() if not resumable(key)}
 
 
@@ -118,16 +118,6 @@ def check_config(state: dict, config: Config, folder: Path, config_path: Path) -
         raise CheckpointError(f"{config_path} does not match the config checkpoint {folder} was trained with "
                               f"({shown}): it was changed, damaged or comes from another run. Restore it (the "
                               f"values as trained are under 'config' in {folder / STATE})")
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def file_digest(path: Path) -> str:
