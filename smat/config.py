@@ -735,6 +735,17 @@ def validate(config: Config, paths: bool = True) -> Config:
     return original
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """A copy of ``config`` whose data.root, data.splits, data.test_folders and model.weights are absolute: a
+    run's config.yaml then names the same files from any working directory."""
+    config = copy.deepcopy(config)
+    absolute = lambda path: str(_expand(path).absolute()) if isinstance(path, str) and path else path  # noqa: E731
+    config.data.root, config.data.splits = absolute(config.data.root), absolute(config.data.splits)
+    config.data.test_folders = [absolute(folder) for folder in config.data.test_folders]
+    config.model.weights = absolute(config.model.weights)
+    return config
+
+
 def _expand(path: str) -> Path:
     """``path`` with ``~`` expanded where it can be (``~nobody/x`` stays as it is, and then does not exist)."""
     try:
@@ -830,6 +841,25 @@ DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
 # --------------------------------------------------------------------------
 # command-line flags: argparse types, so that a bad flag is a usage error (exit 2), never a traceback
 # --------------------------------------------------------------------------
+
+
+class Once(argparse.Action):
+    """An option that takes one value and may be given once: a second ``--output B`` after ``--output A`` is
+    an error naming both, not a silent choice of the last (list options use ``action="extend"``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in given:
+            parser.error(f"{option_string} given twice ({short(given[self.dest])} and {short(values)}); give it "
+                         f"once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
+def parsed_once(namespace: argparse.Namespace) -> argparse.Namespace:
+    """``namespace`` without the record that :class:`Once` keeps."""
+    namespace.__dict__.pop("_given_once", None)
+    return namespace
 
 
 def positive_flag(text: str) -> float:

@@ -33,7 +33,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .adapt import MODES, AdaptConfig, validate_adapt
-from .config import ConfigError, count_flag, merge_values, parse_override
+from .config import ConfigError, Once, count_flag, merge_values, parse_override, parsed_once
 from .data import DataError
 from .evaluation import tables
 from .evaluation.modes import Plan, evaluate_mode, plan_run
@@ -48,32 +48,37 @@ OUTPUTS = ("results.md", "results.csv", "cost.md", "cost.csv", "results.json")  
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smat.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN",
+    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True, metavar="RUN",
                         help="run folders written by `python -m smat.train` (their best checkpoint is used)")
-    parser.add_argument("--datasets", nargs="+", metavar="DOMAIN", help="test domains (default: the runs' "
-                        "data.test_domains, else every ID and OOD domain of the source)")
+    parser.add_argument("--datasets", nargs="+", action="extend", metavar="DOMAIN", help="test domains (default: "
+                        "the runs' data.test_domains, else every ID and OOD domain of the source)")
     # no argparse choices: they would be checked before the overrides that follow the modes are set apart
-    parser.add_argument("--mode", nargs="+", default=["protonet"], metavar="{" + ",".join(MODES) + "}",
-                        help="protonet: no adaptation; select: Algorithm 2; full: Algorithm 3; lora: LoRA")
-    parser.add_argument("--episodes", type=count_flag(1), metavar="N", help="test episodes per domain "
+    parser.add_argument("--mode", nargs="+", action="extend", metavar="{" + ",".join(MODES) + "}",
+                        help="protonet: no adaptation; select: Algorithm 2; full: Algorithm 3; lora: LoRA (default "
+                        "protonet)")
+    parser.add_argument("--episodes", action=Once, type=count_flag(1), metavar="N", help="test episodes per domain "
                         "(evaluate.episodes)")
-    parser.add_argument("--folder", nargs="+", metavar="DIR", help="image folders added to the test domains as OOD, "
-                        "every class tested: <DIR>/<domain>/<class>/<image>, or <DIR>/<class>/<image> (one domain)")
-    parser.add_argument("--output", metavar="DIR", help="where the tables go (default: <first run>/evaluation); "
-                        "never a run or export folder")
+    parser.add_argument("--folder", nargs="+", action="extend", metavar="DIR", help="image folders added to the "
+                        "test domains as OOD, every class tested: <DIR>/<domain>/<class>/<image>, or "
+                        "<DIR>/<class>/<image> (one domain)")
+    parser.add_argument("--output", action=Once, metavar="DIR", help="where the tables go (default: <first "
+                        "run>/evaluation); never a run or export folder")
     parser.add_argument("--overwrite", action="store_true", help="write into an --output folder that holds other "
                         "files than an earlier evaluation's")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides (data.n_way=5, device=cpu) and adaptation options (adapt.steps=50)")
-    args = parser.parse_intermixed_args(argv)
+    args = parsed_once(parser.parse_intermixed_args(argv))
     # `--checkpoint RUN key=value`, `--mode full lora adapt.steps=20`: nargs="+" swallows the overrides that
     # follow a list option
+    mode_given = args.mode is not None
     for name in ("checkpoint", "datasets", "mode", "folder"):
         values = getattr(args, name) or []
         args.overrides = [v for v in values if OVERRIDE.match(v) and not Path(v).exists()] + args.overrides
         setattr(args, name, [v for v in values if not (OVERRIDE.match(v) and not Path(v).exists())] or None)
     if not args.checkpoint:
         parser.error("--checkpoint needs at least one run folder")
+    if args.mode is None and not mode_given:
+        args.mode = ["protonet"]
     if not args.mode:
         parser.error(f"--mode needs at least one of {', '.join(MODES)}")
     unknown = [mode for mode in args.mode if mode not in MODES]

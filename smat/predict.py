@@ -23,9 +23,18 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+from PIL import Image  # noqa: E402
 
 from .adapt import MODES, AdaptConfig, validate_adapt  # noqa: E402
-from .config import ConfigError, device_flag, merge_values, parse_override, positive_flag  # noqa: E402
+from .config import (  # noqa: E402
+    ConfigError,
+    Once,
+    device_flag,
+    merge_values,
+    parse_override,
+    parsed_once,
+    positive_flag,
+)
 from .data import DataError  # noqa: E402
 from .inference import Predictions, load  # noqa: E402
 from .inference import images as image_io  # noqa: E402
@@ -33,25 +42,29 @@ from .runtime import checkpoint  # noqa: E402
 from .runtime.io import OutputError, atomic_path, holds_run  # noqa: E402
 
 CSV_HEADER = ["file", "predicted", "probability"]
+SOFTWARE = "smat.predict"  # the confusion PNG's tag: an earlier call's plot is replaced without --overwrite
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smat.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="RUN", help="run folder or export folder")
-    parser.add_argument("--support", required=True, metavar="DIR", help="<class>/<image>: examples of every class")
-    parser.add_argument("--query", nargs="+", required=True, metavar="DIR_OR_FILE",
+    parser.add_argument("--checkpoint", action=Once, required=True, metavar="RUN", help="run folder or export folder")
+    parser.add_argument("--support", action=Once, required=True, metavar="DIR",
+                        help="<class>/<image>: examples of every class")
+    parser.add_argument("--query", nargs="+", action="extend", required=True, metavar="DIR_OR_FILE",
                         help="images to classify: files, folders of images, or <class>/<image> folders")
-    parser.add_argument("--mode", default="protonet", choices=MODES,
+    parser.add_argument("--mode", action=Once, default="protonet", choices=MODES,
                         help="protonet: one merge (default); select: Algorithm 2; full: Algorithm 3; lora: LoRA")
-    parser.add_argument("--output", default="predictions.csv", metavar="CSV", help="default: predictions.csv; never "
-                        "inside a run or export folder")
+    parser.add_argument("--output", action=Once, default="predictions.csv", metavar="CSV",
+                        help="default: predictions.csv; never inside a run or export folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file that is not an earlier "
                         "prediction's CSV")
-    parser.add_argument("--device", type=device_flag, help="auto, cpu, cuda or cuda:N (default: the run's)")
-    parser.add_argument("--lr", type=positive_flag, help="learning rate of --mode full/lora (default 1e-4; LoRA ×10)")
+    parser.add_argument("--device", action=Once, type=device_flag,
+                        help="auto, cpu, cuda or cuda:N (default: the run's)")
+    parser.add_argument("--lr", action=Once, type=positive_flag,
+                        help="learning rate of --mode full/lora (default 1e-4; LoRA ×10)")
     parser.add_argument("overrides", nargs="*", metavar="adapt.key=value", help="adaptation options (adapt.steps=50)")
-    args = parser.parse_intermixed_args(argv)
+    args = parsed_once(parser.parse_intermixed_args(argv))
     bad = [text for text in args.overrides if not text.startswith("adapt.")]
     if bad:
         parser.error(f"only adapt.key=value options are taken here; got {' '.join(bad)}")
@@ -91,17 +104,30 @@ def check_output(path: Path, overwrite: bool) -> Path:
                           f"predictions elsewhere with --output FILE.csv")
     if path.is_dir():
         raise OutputError(f"--output {path} is a folder; give a file name such as {path / 'predictions.csv'}")
-    if overwrite or not path.exists():
-        return path
-    try:
-        with path.open(newline="") as handle:
-            ours = next(csv.reader(handle), [])[:3] == CSV_HEADER
-    except (OSError, UnicodeDecodeError, csv.Error):
-        ours = False
-    if not ours:
-        raise OutputError(f"{path} exists and is not a predictions CSV written by smat.predict; choose another "
-                          f"--output, or give --overwrite to replace it")
+    for written, kind in ((path, "predictions CSV"), (confusion_path(path), "plot")):
+        if written.exists() and not written.is_file():  # a pipe would block the check below; a device be replaced
+            raise OutputError(f"{written} is not a regular file (a pipe, device or socket); give --output a file "
+                              f"name such as predictions.csv")
+        if written.exists() and not overwrite and not written_by_predict(written, kind == "plot"):
+            raise OutputError(f"{written} exists and is not a {kind} written by smat.predict; choose another "
+                              f"--output, or give --overwrite to replace it")
     return path
+
+
+def confusion_path(output: Path) -> Path:
+    return output.with_name(output.stem + "_confusion.png")
+
+
+def written_by_predict(path: Path, plot: bool) -> bool:
+    """Whether ``path`` is an earlier call's CSV (by its header) or confusion PNG (by its Software tag)."""
+    try:
+        if plot:
+            with Image.open(path) as image:
+                return image.info.get("Software") == SOFTWARE
+        with path.open(newline="") as handle:
+            return next(csv.reader(handle), [])[:3] == CSV_HEADER
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def write_csv(path: Path, predictions: Predictions, truth: list[str | None]) -> None:
@@ -138,7 +164,7 @@ def plot_confusion(path: Path, matrix: list[list[int]], classes, accuracy: float
                 axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     figure.tight_layout()
     with atomic_path(path, suffix=".png") as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
+        figure.savefig(temporary, dpi=100, format="png", metadata={"Software": SOFTWARE})
     plt.close(figure)
 
 
@@ -157,7 +183,7 @@ def summarise(predictions: Predictions, truth: list[str | None], output: Path) -
         lines.append(f"{unknown} labelled query image(s) of classes the support set does not have were not scored")
     if scored:
         accuracy = sum(guess == true for guess, true in scored) / len(scored)
-        picture = output.with_name(output.stem + "_confusion.png")
+        picture = confusion_path(output)
         matrix = confusion([g for g, _ in scored], [t for _, t in scored], predictions.class_names)
         plot_confusion(picture, matrix, predictions.class_names, accuracy)
         lines.append(f"accuracy {100 * accuracy:.2f}% on {len(scored)} labelled images; confusion matrix: {picture}")

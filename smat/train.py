@@ -35,7 +35,7 @@ import torch
 
 from smat_kernels import dispatch
 
-from .config import Config, ConfigError, load_config, merge_values, parse_override, validate
+from .config import Config, ConfigError, load_config, merge_values, parse_override, validate, with_absolute_paths
 from .data import DataError, episodes
 from .evaluation.report import evaluate_and_report
 from .evaluation.runs import read_run_config
@@ -85,6 +85,7 @@ def prepare(args) -> tuple[Config, Path, torch.device, bool, RunLock | None]:
     if not args.resume:
         check_buildable(validate(requested))
         check_data(requested)
+        requested = with_absolute_paths(requested)  # the run's config.yaml works from any directory
     elif not (isinstance(requested.output, str) and requested.output):
         raise ConfigError(f"--resume needs output=RUN, the folder of the run to continue; got {requested.output!r}")
     run = Path(requested.output).expanduser()

@@ -187,3 +187,17 @@ def test_several_runs_get_their_own_folders(tiny_run, tmp_path):
     assert len(json.loads((tmp_path / "id_ood.json").read_text())["points"]) == 2
     for folder in ("run", "run-2"):
         assert (tmp_path / folder / "mask_overlap.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_analyze_refuses_a_run_folder_and_a_folder_of_other_files(tiny_run, tmp_path, capsys):
+    images = tmp_path / "images" / "red"
+    images.mkdir(parents=True)
+    (images / "0.png").write_bytes(b"a user's picture")
+    assert analyze.main([str(tiny_run), "--output", str(images), "--episodes", "1"]) == 2
+    assert "already holds other files (0.png)" in capsys.readouterr().err
+    assert [p.name for p in images.iterdir()] == ["0.png"]  # analysis plots there would become class images
+    assert analyze.main([str(tiny_run), "--output", str(tiny_run), "--episodes", "1"]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert analyze.main([str(tiny_run), "--output", str(images), "--episodes", "1", "--overwrite"]) == 0
+    for _ in range(2):  # an earlier analysis's files are replaced without --overwrite
+        assert analyze.main([str(tiny_run), "--output", str(tmp_path / "analysis"), "--episodes", "1"]) == 0

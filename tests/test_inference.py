@@ -36,8 +36,8 @@ TINY = ["data.n_way=3", "data.k_shot=2", "data.q_query=2", "train.val_episodes=1
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 
 
-def write_run(run: Path, binary: bool) -> Path:
-    config = validate(load_config(None, TINY + [f"output={run}"]))
+def write_run(run: Path, binary: bool, overrides=()) -> Path:
+    config = validate(load_config(None, [*TINY, f"output={run}", *overrides]))
     torch.manual_seed(0)
     model = methods.build(config, create_builtin(config.model.builtin, config.model.image_size))
     with torch.no_grad():

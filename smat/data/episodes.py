@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from .builtin import DOMAINS, FAR_OOD_VALIDATION_DOMAINS, ID_DOMAINS, OOD_DOMAINS, BuiltinSource
-from .folder import ImageFolderSource, image_extensions
+from .folder import ImageFolderSource, image_extensions, is_image_file, listing
 from .h5 import MetaDatasetH5Source
 from .loader import EpisodeDataset, EpisodeLoader
 from .samplers import make_sampler
@@ -77,8 +77,8 @@ def with_test_folders(source, folders) -> WithTestFolders:
 def _holds_images(folder: Path) -> bool:
     """Whether ``folder`` is ``<class>/<image>`` (its sub-folders hold images) rather than a data root."""
     extensions = image_extensions()
-    for child in (c for c in folder.iterdir() if c.is_dir() and not c.name.startswith(".")):
-        if any(f.is_file() and f.suffix.lower() in extensions for f in child.iterdir()):
+    for child in (c for c in listing(folder, "test folder") if c.is_dir() and not c.name.startswith(".")):
+        if any(is_image_file(f, extensions) for f in listing(child, "class folder")):
             return True
     return False
 

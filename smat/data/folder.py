@@ -13,12 +13,15 @@ formats shrunk by an integer factor (``Image.reduce``) right after decoding,
 to a short side of at least ``size_hint`` (default ``DECODE_SIZE``) times
 two. An image of more than ``max_pixels`` pixels (default ``MAX_PIXELS``,
 2^27 ≈ 11585², below Pillow's decompression-bomb limit) is not decoded at
-all: like a damaged file it is skipped with a warning and counted.
+all: like a damaged file it is skipped with a warning and counted. 16-bit,
+32-bit and float images (scans, microscopy) become 8-bit (:func:`to_8bit`);
+EXIF orientation (photos from phones) is applied.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import warnings
 import zlib
 from pathlib import Path
@@ -37,8 +40,38 @@ DECODE_SIZE = 384
 MAX_PIXELS = 2**27
 
 
+# Formats Pillow registers but cannot decode here: save-only, identify-only stubs, or an outside program.
+NOT_DECODED = {"BUFR", "EPS", "GRIB", "HDF5", "IPTC", "MPEG", "PALM", "PDF", "WMF"}
+# Modes of more than 8 bits per channel, which Image.reduce and convert("RGB") cannot take as they are.
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
 def image_extensions() -> set[str]:
-    return {ext.lower() for ext in Image.registered_extensions()}
+    """The file extensions of the formats Pillow decodes (a .pdf or .h5 in a class folder is not an image)."""
+    Image.init()
+    return {ext.lower() for ext, kind in Image.registered_extensions().items()
+            if (kind in Image.OPEN or kind == "MPO") and kind not in NOT_DECODED}
+
+
+def is_image_file(path: Path, extensions: set[str]) -> bool:
+    """A file with an image extension that is not hidden (macOS's ``._x.jpg`` twins, ``.DS_Store``)."""
+    return path.suffix.lower() in extensions and not path.name.startswith(".") and path.is_file()
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image of a mode wider than 8 bits as 8-bit greyscale ("L"); other images unchanged.
+
+    Values that already fit 0–255, and floats in [0, 1], keep their scale; anything wider is stretched from
+    0 (or its minimum, where negative) to its maximum, as image viewers show 12- and 16-bit scans."""
+    if image.mode not in WIDE_MODES:
+        return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = min(float(values.min(initial=0.0)), 0.0), float(values.max(initial=0.0))
+    if image.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    elif low < 0 or high > 255:
+        values = (values - low) * (255 / (high - low))
+    return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def random_class_split(num_classes: int, fractions, seed: int | str) -> dict[str, list[int]]:
@@ -92,12 +125,37 @@ def decode_image(path: Path, size: int, max_pixels: int = MAX_PIXELS) -> np.ndar
             raise UnreadableImageError(f"{path}: {image.width}×{image.height} = {pixels} pixels is over the "
                                        f"limit of {max_pixels}; shrink the image or remove it")
         target = 2 * size
-        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: less memory, and several times faster.
-        image.draft("RGB", (target, target))
+        orientation = exif_orientation(image)  # read first: draft, to_8bit and reduce drop it
+        if image.mode in WIDE_MODES:
+            image = to_8bit(image)
+        else:  # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale: less memory, and several times faster.
+            image.draft("RGB", (target, target))
         factor = min(image.width, image.height) // target
         if factor >= 2:
             image = image.reduce(factor)
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(oriented(image, orientation).convert("RGB"))
+
+
+ORIENTATION = 0x0112  # the EXIF tag: how the camera was held
+TRANSPOSES = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1–8), or 1 where it has none or its EXIF block cannot be parsed (the
+    pixels may still be fine)."""
+    try:
+        value = image.getexif().get(ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, struct.error):
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def oriented(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` turned upright as its EXIF orientation says (as ``ImageOps.exif_transpose``)."""
+    method = TRANSPOSES.get(orientation)
+    return image if method is None else image.transpose(method)
 
 
 class ImageFolderSource(Source):
@@ -116,7 +174,7 @@ class ImageFolderSource(Source):
         if not root.is_dir():
             raise DataNotFoundError(f"image folder root {root} does not exist; expected {LAYOUT}")
         splits = _read_splits(splits_file) if splits_file is not None else {}
-        names = sorted(d.name for d in _listing(root, "image folder root") if d.is_dir()
+        names = sorted(d.name for d in listing(root, "image folder root") if d.is_dir()
                        and not d.name.startswith("."))
         if domains is not None:
             missing = sorted(set(domains) - set(names))
@@ -135,10 +193,9 @@ class ImageFolderSource(Source):
     def _domain(directory: Path, split_names, fractions, seed, size_hint, max_pixels):
         extensions = image_extensions()
         class_dirs, files = [], []
-        for class_dir in sorted(d for d in _listing(directory, "domain folder") if d.is_dir()
+        for class_dir in sorted(d for d in listing(directory, "domain folder") if d.is_dir()
                                 and not d.name.startswith(".")):
-            images = sorted(f for f in _listing(class_dir, "class folder")
-                            if f.is_file() and f.suffix.lower() in extensions)
+            images = sorted(f for f in listing(class_dir, "class folder") if is_image_file(f, extensions))
             if images:
                 class_dirs.append(class_dir)
                 files.append(images)
@@ -152,7 +209,7 @@ class ImageFolderSource(Source):
         return FolderDomain(directory.name, directory, class_dirs, files, splits, size_hint, max_pixels)
 
 
-def _listing(directory: Path, what: str) -> list[Path]:
+def listing(directory: Path, what: str) -> list[Path]:
     try:
         return list(directory.iterdir())
     except OSError as error:

@@ -62,17 +62,17 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
     try:  # the config reader's limits: UTF-8, size, anchors, duplicate keys, a mapping
         values = read_config_file(path)
     except ConfigError as error:
-        raise _damaged_config(path, str(error).splitlines()[0]) from None
+        raise _damaged_config(path, " ".join(str(error).split())) from None
     if not isinstance(values, dict) or not values:
         raise _damaged_config(path, f"it holds {'nothing' if not values else type(values).__name__}, not the "
                                     f"mapping of a run's config")
-    try:
-        config = validate(run_config_from_dict(values))
+    try:  # paths=False: predict and export need neither the data nor the weights file the run was trained from
+        config = validate(run_config_from_dict(values), paths=False)
     except (ConfigError, TypeError, ValueError, AttributeError) as error:
-        raise _damaged_config(path, str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        raise _damaged_config(path, " ".join(str(error).split()) or type(error).__name__) from None
     for text in overrides:
         merge_values(config, parse_override(text), "")  # the config's own rules: types, unknown-key hints
-    return validate(config)
+    return validate(config, paths=False)
 
 
 def _damaged_config(path: Path, problem: str) -> checkpoint.CheckpointError:

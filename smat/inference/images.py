@@ -1,8 +1,9 @@
 """A user's images → the run's evaluation input: paths, PIL images, arrays or tensors, any size or mode.
 
 Every image goes through the geometry of :class:`smat.data.transforms.EvalTransform` at the run's image
-size (short side resized to size·146/128, centre crop, ImageNet normalisation). Greyscale, palette, RGBA
-and 16-bit images are converted to RGB. An image that cannot be read is skipped, and its name and the
+size (short side resized to size·146/128, centre crop, ImageNet normalisation). Greyscale, palette, RGBA,
+16-bit and float images are converted to RGB (wide ones scaled to 8 bits), and photos are turned upright as
+their EXIF orientation says. An image that cannot be read is skipped, and its name and the
 reason are listed, never a crash. Folders are ``<class>/<image>``, as torchvision's ImageFolder has them.
 """
 
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..data import DataError, EvalTransform
-from ..data.folder import decode_image, image_extensions
+from ..data.folder import decode_image, exif_orientation, image_extensions, is_image_file, oriented, to_8bit
 from ..data.loader import UNREADABLE
 from ..data.transforms import center_box, crop_resize, normalize, to_tensor
 
@@ -41,7 +42,7 @@ def as_chw(item, size: int) -> torch.Tensor:
     if isinstance(item, (str, Path)):
         return to_tensor(decode_image(Path(item).expanduser(), size))
     if isinstance(item, Image.Image):
-        return to_tensor(np.asarray(item.convert("RGB")))
+        return to_tensor(np.asarray(oriented(to_8bit(item), exif_orientation(item)).convert("RGB")))
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
             raise ValueError(f"a numpy image must be uint8 H×W(×C); got dtype {item.dtype} (convert it, or pass a "
@@ -95,8 +96,10 @@ def _reason(error: Exception) -> str:
 
 def list_images(directory: Path) -> list[Path]:
     extensions = image_extensions()
-    return sorted(f for f in directory.iterdir() if f.is_file() and f.suffix.lower() in extensions
-                  and not f.name.startswith("."))
+    try:
+        return sorted(f for f in directory.iterdir() if is_image_file(f, extensions))
+    except OSError as error:
+        raise DataError(f"cannot read {directory} ({error.strerror or error}); make it readable (chmod u+rx)") from None
 
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:
@@ -124,9 +127,12 @@ def query_items(paths) -> tuple[list[Path], list[str | None]]:
             for name, images in class_folders(entry).items():
                 files += images
                 labels += [name] * len(images)
-        elif entry.exists():
+        elif entry.is_file():
             files.append(entry)
             labels.append(None)
+        elif entry.exists():  # a pipe or device would block the reader
+            raise DataError(f"query {entry} is not a regular file (a pipe, device or socket); give image files or "
+                            f"folders")
         else:
             raise DataError(f"query {entry} does not exist; give image files or folders (<class>/<image> for "
                             f"accuracy)")

@@ -63,6 +63,9 @@ def ensure_writable_dir(path: str | Path) -> Path:
 def atomic_path(path: str | Path, suffix: str = ".tmp"):
     """Yield a temporary path next to ``path``; on success it replaces ``path`` in one step."""
     path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a folder: os.replace's own error below
+        raise OutputError(f"{path} is not a regular file (a pipe, device or socket), which a file written in its "
+                          f"place would replace; give the path of a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
