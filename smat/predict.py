@@ -86,7 +86,8 @@ def read_support(folder) -> tuple[list[Path], list[str]]:
     if empty:
         raise DataError(f"support class{'es' if len(empty) > 1 else ''} {', '.join(map(repr, empty))} in {folder} "
                         f"{'have' if len(empty) > 1 else 'has'} no image; add a few images of each class or remove "
-                        f"the empty folder{'s' if len(empty) > 1 else ''}")
+                        f"the empty folder{'s' if len(empty) > 1 else ''}"
+                        f"{image_io.other_files(Path(folder).expanduser() / name for name in empty)}")
     if len(classes) < 2:
         raise DataError(f"{folder} holds {len(classes)} class folder(s); a task needs at least 2: "
                         f"give <class>/<image> with one folder per class")
@@ -198,7 +199,8 @@ def main(argv=None) -> int:
         support, labels = read_support(args.support)
         files, truth = image_io.query_items(args.query)
         if not files:
-            raise DataError(f"no image found in {' '.join(args.query)}; give image files or folders of images")
+            raise DataError(f"no image found in {' '.join(args.query)}; give image files or folders of images"
+                            f"{image_io.other_files(args.query)}")
         model = load(args.checkpoint, args.device)
         print(model.describe())
         specialist = model.specialize(support, labels, args.mode, options=options, lr=args.lr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,18 @@ from PIL import Image
 from test_inference import COLOURS, picture, write_run
 from test_predict_cli import colour_folder
 
+import smat
 from smat import evaluate, predict
 from smat.config import load_config, with_absolute_paths
 from smat.data import DataError
+from smat.data import __main__ as data_cli
+from smat.data.builtin.cache import cache_dir, save_arrays
 from smat.data.folder import ImageFolderSource, decode_image, image_extensions
+from smat.data.samplers import make_sampler
 from smat.evaluation.runs import load_run, read_run_config
 from smat.inference import images as image_io
-from smat.runtime.io import OutputError, atomic_write_text
+from smat.runtime import checkpoint
+from smat.runtime.io import OutputError, atomic_write_text, check_output_folder
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this OS")
 
@@ -174,3 +180,64 @@ def test_a_new_runs_config_names_absolute_paths(tmp_path, monkeypatch):
     config = with_absolute_paths(load_config(None, ["data.root=data/mine", "data.test_folders=[extra]"]))
     assert config.data.root == str(tmp_path / "data" / "mine")
     assert config.data.test_folders == [str(tmp_path / "extra")] and config.model.weights is None
+
+
+def test_a_file_or_step_folder_inside_a_run_names_the_run(run, capsys):
+    for given in (run / "config.yaml", run / "checkpoints" / "step-0000000"):
+        with pytest.raises(checkpoint.CheckpointError, match=f"such as {run}, which holds this path"):
+            read_run_config(given)
+
+
+def test_no_output_lands_in_a_runs_checkpoints_even_with_overwrite(run, tmp_path):
+    with pytest.raises(OutputError, match="inside the checkpoints of the run"):
+        check_output_folder(run / "checkpoints" / "step-0000000", overwrite=True)
+    assert check_output_folder(run / "evaluation") == run / "evaluation"  # next to them is the default
+
+
+def test_a_cache_folder_that_cannot_be_written_names_the_variable(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("SMAT_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(DataError, match=r"comes from \$SMAT_CACHE_DIR: set SMAT_CACHE_DIR to a writable folder"):
+        save_arrays(cache_dir() / "x" / "y.npz", a=np.zeros(1))
+
+
+def test_a_split_with_too_few_classes_says_so_not_add_images(tmp_path):
+    for c in range(4):
+        (tmp_path / "dom" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            picture((60 * c, 80, 80), i).save(tmp_path / "dom" / f"c{c}" / f"{i}.png")
+    source = ImageFolderSource(tmp_path)  # 4 classes: the 70/15/15 split leaves 1 for val
+    with pytest.raises(DataError, match="split 'val' holds 1 of the domain's 4 classes, but an episode needs 2"):
+        make_sampler(source, "dom", "val", "fixed", n_way=2, k_shot=1, q_query=1)
+
+
+def test_folders_of_formats_pillow_cannot_read_are_named(tmp_path):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert "1 .heic" in image_io.other_files([tmp_path / "q"]) and image_io.other_files([]) == ""
+
+
+def test_smat_warnings_read_as_one_line_and_others_keep_their_format():
+    ours = warnings.formatwarning("image x skipped", UserWarning, str(Path(smat.__file__)), 1)
+    theirs = warnings.formatwarning("deprecated", UserWarning, "/elsewhere/lib.py", 3, "line")
+    assert ours == "warning: image x skipped\n" and theirs.startswith("/elsewhere/lib.py:3: UserWarning")
+
+
+def test_data_show_keeps_other_files_and_refuses_bad_sizes(tmp_path, capsys):
+    root = tmp_path / "images"
+    for c in range(10):  # 7 train classes in the seeded split
+        (root / "shades" / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            picture((25 * c, 80, 80), i, size=(20, 20)).save(root / "shades" / f"c{c}" / f"{i}.png")
+    users = tmp_path / "mine.png"
+    picture(COLOURS["red"], 1).save(users)
+    before = users.read_bytes()
+    show = ["show", "shades", "--folder", str(root), "--split", "train", "--way", "2", "--shot", "1", "--query",
+            "1", "--size", "16"]
+    assert data_cli.main([*show, "--out", str(users)]) == 2 and users.read_bytes() == before
+    assert "is not a picture written by smat.data" in capsys.readouterr().err
+    for _ in range(2):  # its own picture: replaced
+        assert data_cli.main([*show, "--out", str(tmp_path / "episode.png")]) == 0
+    with pytest.raises(SystemExit):
+        data_cli.main([*show[:-2], "--size", "0"])
+    assert "--size" in capsys.readouterr().err

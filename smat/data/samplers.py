@@ -34,6 +34,11 @@ def eligible_classes(domain: Domain, split: str, min_items: int, min_classes: in
             f"domain {domain.name!r} split {split!r}: excluding {len(dropped)} of {len(classes)} "
             f"classes with fewer than {min_items} images ({needed_for}): {examples}"
             + (" …" if len(dropped) > 5 else ""), stacklevel=3)
+    if len(classes) < min_classes:  # more images would not help: the split has too few classes
+        raise DataError(
+            f"domain {domain.name!r} split {split!r} holds {len(classes)} of the domain's "
+            f"{len(domain.class_names)} classes, but an episode needs {min_classes}; lower the ways (data.n_way), "
+            f"add classes, or split the classes yourself (data.splits)")
     if len(keep) < min_classes:
         raise DataError(
             f"domain {domain.name!r} split {split!r}: {len(keep)} classes have at least "

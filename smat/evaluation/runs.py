@@ -53,12 +53,13 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
     A config.yaml that is not the YAML mapping of a valid config is a CheckpointError naming it."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
-        raise checkpoint.CheckpointError(f"run folder {run} does not exist; give the output folder of "
-                                         f"`python -m smat.train` (its output=PATH)")
+        what = "is a file, not a run folder" if run.exists() else "does not exist"
+        raise checkpoint.CheckpointError(f"run folder {run} {what}; give the output folder of "
+                                         f"`python -m smat.train` (its output=PATH){_enclosing_run(run)}")
     path = run / "config.yaml"
     if not path.is_file():
         raise checkpoint.CheckpointError(f"{run} has no config.yaml, so it is not a folder written by "
-                                         f"`python -m smat.train`{_config_hint(run)}")
+                                         f"`python -m smat.train`{_config_hint(run) or _enclosing_run(run)}")
     try:  # the config reader's limits: UTF-8, size, anchors, duplicate keys, a mapping
         values = read_config_file(path)
     except ConfigError as error:
@@ -79,6 +80,15 @@ def _damaged_config(path: Path, problem: str) -> checkpoint.CheckpointError:
     return checkpoint.CheckpointError(f"{path} is damaged, or was written by another version of smat "
                                       f"({problem[:300]}); restore it from a backup, or use the smat version "
                                       f"that trained the run{_config_hint(path.parent)}")
+
+
+def _enclosing_run(path: Path) -> str:
+    """", such as RUN" where a folder above ``path`` (up to three levels) is a run: the user gave a file or
+    step folder inside it."""
+    for parent in list(path.absolute().parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return f", such as {parent}, which holds this path"
+    return ""
 
 
 def _config_hint(run: Path) -> str:

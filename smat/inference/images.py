@@ -9,6 +9,7 @@ reason are listed, never a crash. Folders are ``<class>/<image>``, as torchvisio
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,25 @@ def list_images(directory: Path) -> list[Path]:
         return sorted(f for f in directory.iterdir() if is_image_file(f, extensions))
     except OSError as error:
         raise DataError(f"cannot read {directory} ({error.strerror or error}); make it readable (chmod u+rx)") from None
+
+
+def other_files(folders) -> str:
+    """"; they hold 3 .heic file(s), …" for the files of ``folders`` (and their class folders) that are not
+    images Pillow decodes here, so that a folder of iPhone photos is not reported as just empty."""
+    extensions, found = image_extensions(), collections.Counter()
+    try:
+        for folder in map(lambda f: Path(f).expanduser(), folders):
+            entries = [folder] if folder.is_file() else [*folder.iterdir(), *(
+                f for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") for f in d.iterdir())]
+            found.update(entry.suffix.lower() or "(no extension)" for entry in entries if entry.is_file()
+                         and not entry.name.startswith(".") and entry.suffix.lower() not in extensions)
+    except OSError:  # the caller's message stands without the hint
+        return ""
+    if not found:
+        return ""
+    shown = ", ".join(f"{count} {suffix}" for suffix, count in found.most_common(4))
+    return (f"; they hold other files ({shown}) in a format Pillow cannot read here: convert them to JPEG or PNG "
+            f"(HEIC: pip install pillow-heif and convert)")
 
 
 def class_folders(root: str | Path) -> dict[str, list[Path]]:

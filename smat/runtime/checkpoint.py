@@ -55,11 +55,18 @@ class RecoveryWarning(UserWarning):
     """A damaged part of a run folder was worked around (a lost pointer, a partial last log line)."""
 
 
+PACKAGE = Path(__file__).resolve().parent.parent  # smat/
+
+
 def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning):
-    """A RecoveryWarning reads as the commands' other lines do ("warning: …"), not as a source location."""
-    if isinstance(category, type) and issubclass(category, RecoveryWarning):
-        return f"warning: {message}\n"
-    return _default(message, category, filename, lineno, line)
+    """smat's warnings (a RecoveryWarning, a skipped image) read as the commands' other lines do ("warning: …"),
+    not as a source location and line, which look like a crash; other libraries' keep Python's format."""
+    ours = isinstance(category, type) and issubclass(category, RecoveryWarning)
+    try:
+        ours = ours or Path(filename).resolve().is_relative_to(PACKAGE)
+    except (OSError, ValueError, TypeError):
+        pass
+    return f"warning: {message}\n" if ours else _default(message, category, filename, lineno, line)
 
 
 warnings.formatwarning = _format_warning

@@ -136,6 +136,11 @@ def check_output_folder(path: str | Path, own=(), overwrite: bool = False, flag:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise OutputError(f"output folder {path} is a file; choose a folder")
+    inside = next((p for p in (path, *path.absolute().parents) if p.name == "checkpoints" and holds_run(p.parent)),
+                  None)
+    if inside is not None:  # even with --overwrite: a step folder is the run's own
+        raise OutputError(f"{path} is inside the checkpoints of the run {inside.parent}; choose an output folder "
+                          f"outside it")
     if not path.is_dir():
         return path
     if holds_run(path):
