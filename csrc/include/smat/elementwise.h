@@ -209,8 +209,12 @@ SMAT_HD float mask_entry(float noise, float expert, const HardConcrete& hc, floa
   const float product = noise == INFINITY ? noise : noise * expert;
   const float s = 1.0f / (1.0f + product);
   const float stretched = s * hc.stretch + hc.gamma;
-  const bool inside = stretched >= 0.0f && stretched <= 1.0f;
-  *dz_dlog_alpha = inside ? hc.stretch * (s * (1.0f - s)) * hc.inv_temperature : 0.0f;
+  // Both arms computed, then selected: a product under a condition is not
+  // evaluated speculatively (-ftrapping-math), and GCC left the backward's
+  // loop scalar around it.
+  const bool inside = (stretched >= 0.0f) & (stretched <= 1.0f);
+  const float derivative = hc.stretch * (s * (1.0f - s)) * hc.inv_temperature;
+  *dz_dlog_alpha = inside ? derivative : 0.0f;
   // Comparisons instead of fminf/fmaxf: they vectorise, and NaN propagates as in torch.clamp.
   return stretched < 0.0f ? 0.0f : (stretched > 1.0f ? 1.0f : stretched);
 }
