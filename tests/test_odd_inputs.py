@@ -241,3 +241,21 @@ def test_data_show_keeps_other_files_and_refuses_bad_sizes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data_cli.main([*show[:-2], "--size", "0"])
     assert "--size" in capsys.readouterr().err
+
+
+def test_a_splits_file_finds_classes_whose_folders_are_decomposed_unicode(tmp_path):
+    import json
+    import unicodedata
+    composed = ["café", "crème", "noël", "thé"]
+    for c, name in enumerate(composed):  # macOS stores names decomposed: "e" + U+0301
+        folder = tmp_path / unicodedata.normalize("NFD", "épicerie") / unicodedata.normalize("NFD", name)
+        folder.mkdir(parents=True)
+        for i in range(2):
+            picture((60 * c, 80, 80), i).save(folder / f"{i}.png")
+    splits = tmp_path.parent / f"{tmp_path.name}_splits.json"
+    splits.write_text(json.dumps({"épicerie": {"train": composed[:2], "val": composed[2:3], "test": composed[3:]}},
+                                 ensure_ascii=False))
+    domain = ImageFolderSource(tmp_path, splits_file=splits, domains=["épicerie"])["épicerie"]
+    assert [domain.class_names[i] for i in domain.splits["train"]] == composed[:2]
+    assert [domain.class_names[i] for i in domain.splits["test"]] == ["thé"]
+    assert domain.directory.name == unicodedata.normalize("NFD", "épicerie")  # the folder as it is on disk

@@ -138,6 +138,22 @@ def test_without_the_split_the_support_step_and_the_loss_see_the_pooled_images(t
         assert torch.equal(union.support_y, torch.cat([task.support_y, task.query_y]))
 
 
+@pytest.mark.parametrize("method", ["smat", "pmf"])
+def test_the_reports_paired_pass_gives_each_models_own_accuracies(tmp_path, pretrained_backbone, method):
+    """The report tests the model and the pre-trained backbone in one pass over the tasks, the router's
+    prototypes taken from the pre-trained features of [support; query]: the same accuracies as testing each
+    on its own. θ_δ is given a random value, so that the model is not the backbone."""
+    trainer = make_trainer(tmp_path, f"method={method}")
+    with torch.no_grad():
+        trainer.model.delta.copy_(0.05 * torch.randn(trainer.model.delta.shape,
+                                                     generator=torch.Generator().manual_seed(1)))
+    tasks = first_batch(trainer)
+    own, pretrained = protonet.paired_task_accuracies(trainer.model, tasks, 1.0)
+    assert own == protonet.task_accuracies(trainer.model, tasks, 1.0)
+    assert pretrained == protonet.task_accuracies(trainer.model, tasks, 1.0, pretrained=True)
+    assert own != pretrained, "the random θ_δ should change some task's accuracy"
+
+
 # --------------------------------------------------------------------------
 # the Lagrange multipliers
 # --------------------------------------------------------------------------

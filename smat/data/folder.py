@@ -6,6 +6,9 @@ Class splits come from an optional JSON splits file::
      "<ood domain>": {"test": "all"}}
 
 Domains missing from it are split at random by ``fractions`` with ``seed``.
+Domain and class names are in Unicode normal form C, so a splits file or a
+config typed on one system finds the folders that another wrote ("café"
+composed or decomposed, as macOS stores it).
 
 Images are decoded lazily and near the size they are used at, so that memory
 stays bounded: JPEGs in draft mode (decoded at 1/2 … 1/8 scale), other
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import struct
+import unicodedata
 import warnings
 import zlib
 from pathlib import Path
@@ -93,7 +97,7 @@ def _seed_of(seed: int | str) -> int:
 class FolderDomain(Domain):
     def __init__(self, name: str, directory: Path, class_dirs: list[Path], files: list[list[Path]], splits,
                  size_hint: int | None, max_pixels: int = MAX_PIXELS):
-        super().__init__(name, [d.name for d in class_dirs], splits)
+        super().__init__(nfc(name), [nfc(d.name) for d in class_dirs], splits)
         self.directory, self.files, self.size_hint = directory, files, size_hint
         self.max_pixels = max_pixels
 
@@ -177,12 +181,13 @@ class ImageFolderSource(Source):
         names = sorted(d.name for d in listing(root, "image folder root") if d.is_dir()
                        and not d.name.startswith("."))
         if domains is not None:
-            missing = sorted(set(domains) - set(names))
+            on_disk = {nfc(name): name for name in names}
+            missing = sorted(name for name in domains if nfc(name) not in on_disk)
             if missing:
                 raise DataNotFoundError(f"domains {missing} not found under {root}; found {names}; "
                                         f"expected {LAYOUT}")
-            names = list(domains)
-        built = [self._domain(root / name, splits.get(name), fractions, seed, size_hint, max_pixels)
+            names = [on_disk[nfc(name)] for name in domains]
+        built = [self._domain(root / name, splits.get(nfc(name)), fractions, seed, size_hint, max_pixels)
                  for name in names]
         built = [domain for domain in built if domain is not None]
         if not built:
@@ -230,11 +235,16 @@ def _read_splits(path) -> dict:
         raise DataError(f"cannot read the splits file {path} ({error}); expected JSON {SPLITS_FORMAT}") from None
     if not isinstance(splits, dict) or not all(isinstance(value, dict) for value in splits.values()):
         raise DataError(f"splits file {path} must map each domain to its splits: {SPLITS_FORMAT}")
-    return splits
+    return {nfc(domain): value for domain, value in splits.items()}
+
+
+def nfc(name):
+    """``name`` in Unicode normal form C (composed), the form names are matched in; non-strings as given."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
 
 
 def _named_splits(directory: Path, names: list[str], split_names: dict) -> dict[str, list[int]]:
-    index = {name: i for i, name in enumerate(names)}
+    index = {nfc(name): i for i, name in enumerate(names)}
     splits = {}
     for split, classes in split_names.items():
         if split not in SPLITS:
@@ -244,9 +254,9 @@ def _named_splits(directory: Path, names: list[str], split_names: dict) -> dict[
         if not isinstance(classes, list):
             raise DataError(f"splits file: split {split!r} of domain {directory.name!r} must be a list of class "
                             f"names or \"all\", got {classes!r}")
-        missing = [c for c in classes if c not in index]
+        missing = [c for c in classes if nfc(c) not in index]
         if missing:
             raise DataError(f"splits file names classes {missing[:5]} of domain {directory.name!r} "
                             f"that have no images under {directory}")
-        splits[split] = [index[c] for c in classes]
+        splits[split] = [index[nfc(c)] for c in classes]
     return splits

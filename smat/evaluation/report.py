@@ -41,10 +41,13 @@ def evaluate_domains(config: Config, model, device, temperature: float, log=prin
     for name, dataset in datasets.items():
         loader = episodes.loader(dataset, config, meta_batch=config.train.meta_batch)
         results[name] = {"role": episodes.domain_role(name, source), "group": episodes.domain_group(name, source)}
-        for method in methods:
-            results[name][method] = loader_accuracies(model, loader, temperature, device, config,
-                                                        pretrained=method == "pretrained")
-            progress.update(len(dataset))
+        if len(methods) == 2:  # the model and the pre-trained backbone, on one pass over the tasks
+            results[name].update(zip(methods, loader_accuracies(model, loader, temperature, device, config,
+                                                                 paired=True), strict=True))
+        else:
+            results[name][methods[0]] = loader_accuracies(model, loader, temperature, device, config,
+                                                          pretrained=methods[0] == "pretrained")
+        progress.update(len(dataset) * len(methods))
     progress.close()
     return results
 

@@ -81,8 +81,9 @@ class TaskModel(nn.Module):
     # ------------------------------------------------------------------ task weights
 
     @torch.no_grad()
-    def task_parameters(self, tasks, temperature: float) -> torch.Tensor | None:
-        """θ [B, N] of the tasks at meta-test time; None: every task runs on the pre-trained weights."""
+    def task_parameters(self, tasks, temperature: float, prototypes=None) -> torch.Tensor | None:
+        """θ [B, N] of the tasks at meta-test time; None: every task runs on the pre-trained weights.
+        ``prototypes``: the tasks' :meth:`pretrained_prototypes` where the caller has them already."""
         return None
 
     # ------------------------------------------------------------------ experts (dense by default)

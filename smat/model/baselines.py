@@ -94,7 +94,7 @@ class PMF(TaskModel):
         return 1
 
     @torch.no_grad()
-    def task_alpha(self, tasks, temperature: float, hard: bool = False) -> torch.Tensor:
+    def task_alpha(self, tasks, temperature: float, hard: bool = False, prototypes=None) -> torch.Tensor:
         """α = 1, fp32 [B, 1]."""
         return self.theta_pre.new_ones(len(tasks), 1, dtype=torch.float32)
 
@@ -103,7 +103,7 @@ class PMF(TaskModel):
         return dense_merge(self.theta_pre, alpha, self.delta)
 
     @torch.no_grad()
-    def task_parameters(self, tasks, temperature: float) -> torch.Tensor:
+    def task_parameters(self, tasks, temperature: float, prototypes=None) -> torch.Tensor:
         return self.merge(self.task_alpha(tasks, temperature))
 
 

@@ -60,14 +60,17 @@ class RoutedModel(TaskModel):
         return hyper.normalise(scores.round() if hard else scores)
 
     @torch.no_grad()
-    def task_alpha(self, tasks, temperature: float, hard: bool = False) -> torch.Tensor:
-        """Evaluation-time α [B, M] of the tasks: the hypernetwork's scores without noise, normalised."""
-        return self.merging_weights(self.expert_logits(self.pretrained_prototypes(tasks)), temperature, None, hard)
+    def task_alpha(self, tasks, temperature: float, hard: bool = False, prototypes=None) -> torch.Tensor:
+        """Evaluation-time α [B, M] of the tasks: the hypernetwork's scores without noise, normalised.
+        ``prototypes``: the tasks' :meth:`pretrained_prototypes` where the caller has them already."""
+        if prototypes is None:
+            prototypes = self.pretrained_prototypes(tasks)
+        return self.merging_weights(self.expert_logits(prototypes), temperature, None, hard)
 
     @torch.no_grad()
-    def task_parameters(self, tasks, temperature: float) -> torch.Tensor:
+    def task_parameters(self, tasks, temperature: float, prototypes=None) -> torch.Tensor:
         """θ [B, N] of the tasks at meta-test time: evaluation α, deterministic masks, one merge call."""
-        return self.merge(self.task_alpha(tasks, temperature), mode="deterministic")
+        return self.merge(self.task_alpha(tasks, temperature, prototypes=prototypes), mode="deterministic")
 
     def merge(self, alpha: torch.Tensor, mode: str = "deterministic", seed: int = 0, offset: int = 0) -> torch.Tensor:
         raise NotImplementedError

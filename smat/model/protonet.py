@@ -79,13 +79,39 @@ def task_accuracies(model, tasks, temperature: float, pretrained: bool = False, 
 
 
 @torch.no_grad()
+def paired_task_accuracies(model, tasks, temperature: float, parallel: str = "loop"):
+    """(query accuracy of each task under its meta-test weights, and under the pre-trained backbone), from one
+    pre-trained pass over each task's [support; query] images, whose support rows also give the router its
+    prototypes: 3 image batches per task where the two :func:`task_accuracies` calls run 4."""
+    images = [torch.cat([t.support_x, t.query_x]) for t in tasks]
+    pretrained = model.task_features(None, images)
+    support_prototypes = [prototypes(f[:len(t.support_y)].float(), t.support_y, t.n_way)
+                          for f, t in zip(pretrained, tasks, strict=True)]
+    theta = model.task_parameters(tasks, temperature, support_prototypes)
+    own = pretrained if theta is None else model.task_features(theta, images, parallel)
+
+    def accuracies_of(features):
+        return accuracies([task_logits(f, t, model.protonet_scale, model.protonet_bias)
+                           for f, t in zip(features, tasks, strict=True)], tasks)
+
+    return accuracies_of(own), accuracies_of(pretrained)
+
+
+@torch.no_grad()
 def loader_accuracies(model, loader, temperature: float, device: torch.device, config=None,
-                      pretrained: bool = False, parallel: str = "loop") -> list[float]:
-    """ProtoNet query accuracy of every task of ``loader`` (batches of tasks), in the run's precision."""
+                      pretrained: bool = False, parallel: str = "loop", paired: bool = False):
+    """ProtoNet query accuracy of every task of ``loader`` (batches of tasks), in the run's precision.
+    ``paired``: (the model's accuracies, the pre-trained backbone's) on the same tasks, from one pass over the
+    loader (:func:`paired_task_accuracies`)."""
     model.eval()
-    results = []
+    results, baseline = [], []
     for batch in loader:
         tasks = [t.to(device) for t in (batch if isinstance(batch, list) else [batch])]
         with autocast(config, device):
-            results += task_accuracies(model, tasks, temperature, pretrained, parallel)
-    return results
+            if paired:
+                own, pretrained_accuracies = paired_task_accuracies(model, tasks, temperature, parallel)
+                results += own
+                baseline += pretrained_accuracies
+            else:
+                results += task_accuracies(model, tasks, temperature, pretrained, parallel)
+    return (results, baseline) if paired else results
