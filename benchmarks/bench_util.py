@@ -89,6 +89,7 @@ def machine_info() -> dict:
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_vector_flags": _cpu_vector_flags(),
         "cpu_kernel_isa": _cpu_kernel_isa(),
         "cores": os.cpu_count(),
@@ -140,6 +141,24 @@ def isa_summary(info: dict) -> str:
     return f"{widest}; kernels: {paths['active']} path" if "active" in paths else widest
 
 
+def _cpu_id() -> dict:
+    """Family, model and clock from /proc/cpuinfo: what names the generation where a VM calls its CPU
+    only "AMD EPYC" (family 25 model 1 is Zen 3, model 17 Zen 4)."""
+    fields = {"cpu family": "family", "model": "model", "stepping": "stepping", "cpu MHz": "mhz"}
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in fields and fields[key.strip()] not in found:
+                    found[fields[key.strip()]] = float(value) if key.strip() == "cpu MHz" else value.strip()
+                if not line.strip() and found:  # the first processor's block is enough
+                    break
+    except (OSError, ValueError):
+        pass
+    return found
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -186,7 +205,9 @@ class ResultsTable:
         return [row for row in earlier.get("rows", []) if _row_key(row) not in measured]
 
     def markdown(self, info: dict, rows: list[dict]) -> str:
-        header = (f"Machine: {info['processor']} ({isa_summary(info)}), {info['cores']} cores, "
+        cpu_id = info.get("cpu_id") or {}
+        generation = f" family {cpu_id['family']} model {cpu_id['model']}" if "family" in cpu_id else ""
+        header = (f"Machine: {info['processor']}{generation} ({isa_summary(info)}), {info['cores']} cores, "
                   f"torch {info['torch']}, {info['date'][:10]}. Copy bandwidth: "
                   + ", ".join(f"{k} {v:.1f} GB/s" for k, v in self.baselines.items()) + "\n\n")
         columns = ["op", "impl", "N", "B", "M", "dtype", "seconds", "GB/s", "copy ratio", "speed-up vs eager",
